@@ -1,0 +1,40 @@
+# The README's commands. Everything installs into .venv from the project's own files.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch==2.13.0 is a CPU build on these machines; a bare "torch" would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+CSRC := $(wildcard csrc/*.cpp csrc/*.h)
+
+.PHONY: setup build demo test test-fast bench lint clean
+
+setup: $(VENV)/.deps build
+
+$(VENV)/.deps: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q setuptools wheel ninja
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+# Rebuild the C++ extension in place whenever a kernel source changes.
+build: python/adsparse/.built
+python/adsparse/.built: $(VENV)/.deps $(CSRC) setup.py
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+demo: setup
+	$(VENV)/bin/adsparse run
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_kernels.py
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf build python/adsparse/*.so python/adsparse/.built *.egg-info

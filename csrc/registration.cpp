@@ -1,0 +1,44 @@
+// The adsparse op schemas, defined once. Each op family registers its CPU kernels in its own
+// translation unit (TORCH_LIBRARY_IMPL); the CUDA kernels (Triton), fake kernels and autograd
+// are registered from Python (python/adsparse/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing adsparse._C loads this library, which runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(adsparse, m) {
+  // y = act(x @ W^T + b) with W block-sparse (BSR, blocks [bn, bk] packed in `values`).
+  // activation: 0 = none, 1 = relu. The transposed index (t_*) is an input so that autograd
+  // can reach it; the forward kernel does not read it.
+  m.def(
+      "bsr_linear(Tensor x, Tensor values, Tensor row_offsets, Tensor col_indices, "
+      "Tensor t_row_offsets, Tensor t_col_indices, Tensor t_block_ids, Tensor? bias, "
+      "int out_features, int activation) -> Tensor");
+  // dx = dy @ W through the transposed block index (no atomics). dy is already ReLU-gated.
+  m.def(
+      "bsr_linear_backward_input(Tensor grad, Tensor values, Tensor t_row_offsets, "
+      "Tensor t_col_indices, Tensor t_block_ids, int in_features) -> Tensor");
+  // dW at the stored blocks only: dvalues[b] = dy[:, rows(b)]^T @ x[:, cols(b)].
+  m.def(
+      "bsr_linear_backward_weight(Tensor grad, Tensor x, Tensor row_offsets, "
+      "Tensor col_indices, int block_rows, int block_cols) -> Tensor");
+  // y = act(x @ (W * M)^T + b); M is [N, K] (block 1x1) or per block [ceil(N/bn), ceil(K/bk)].
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias, int block_rows, "
+      "int block_cols, int activation) -> Tensor");
+  // dx = dy @ (W * M).
+  m.def(
+      "masked_linear_backward_input(Tensor grad, Tensor weight, Tensor mask, int block_rows, "
+      "int block_cols) -> Tensor");
+  // (dW, dM) with G = dy^T x: dW = G * M, dM = G * W (summed per block for a block mask).
+  // An output that is not asked for comes back as an empty tensor of shape [0].
+  m.def(
+      "masked_linear_backward_params(Tensor grad, Tensor x, Tensor weight, Tensor mask, "
+      "int block_rows, int block_cols, bool need_weight, bool need_mask) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,321 @@
+"""The adsparse ops: argument checks, fake kernels, autograd and backend dispatch.
+
+The schemas live in ``csrc/registration.cpp`` (one definition each) and the CPU kernels in
+``csrc/``. This module registers, once per op:
+
+* a fake (meta) kernel, so the ops trace under ``torch.compile(fullgraph=True)``;
+* autograd (``torch.library.register_autograd``), so gradients reach ``x``, the weight values,
+  the mask and the bias;
+* the CUDA kernels from ``adsparse_kernels`` (Triton). They are registered as plain kernels of
+  the same opaque ops rather than through ``triton_op``: the op already has one schema shared with
+  the C++ CPU kernel, and an opaque op keeps Inductor from re-tracing our tuned launch code.
+
+Backend selection (read once, at import): ``ADSPARSE_BACKEND=triton`` also routes CPU tensors
+through the Triton kernels (run them with ``TRITON_INTERPRET=1``); ``ADSPARSE_BACKEND=cpp``
+forces the C++ kernels (CUDA tensors then raise); unset, the tensor's device decides.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from adsparse import _C  # noqa: F401  (loads the schemas and the CPU kernels)
+from adsparse.layout import BlockSparseWeight
+
+__all__ = [
+    "ACTIVATIONS",
+    "backend",
+    "bsr_linear",
+    "bsr_linear_indexed",
+    "masked_linear",
+]
+
+ACTIVATIONS = {None: 0, "none": 0, "relu": 1}
+_OPS = torch.ops.adsparse
+_BACKENDS = ("auto", "cpp", "triton")
+
+
+def backend() -> str:
+    """The backend chosen by ``ADSPARSE_BACKEND`` at import: ``auto``, ``cpp`` or ``triton``."""
+    return _BACKEND
+
+
+def _read_backend() -> str:
+    value = os.environ.get("ADSPARSE_BACKEND", "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise ValueError(f"ADSPARSE_BACKEND must be one of {_BACKENDS}, got {value!r}")
+    return value
+
+
+_BACKEND = _read_backend()
+
+
+def _activation_code(activation: str | None) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def _check_operand(t: torch.Tensor, name: str, like: torch.Tensor, like_name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    if t.dtype != like.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}")
+
+
+def _flatten_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., K]")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x.shape[-1] = {x.shape[-1]} does not match in_features K = {in_features}")
+    return x.reshape(-1, in_features).contiguous()
+
+
+def _check_bias(bias: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
+    if bias is None:
+        return
+    _check_operand(bias, "bias", x, "x")
+    if bias.dim() != 1 or bias.shape[0] != n:
+        raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+
+
+# --------------------------------------------------------------------------- bsr_linear
+def bsr_linear(
+    x: torch.Tensor,
+    weight: BlockSparseWeight,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """``act(x @ W.T + bias)`` for a block-sparse ``W``; ``x`` is ``[..., K]``, result ``[..., N]``.
+
+    Differentiable in ``x``, ``weight.values`` and ``bias``. ``activation`` is ``None`` or
+    ``"relu"`` (fused into the kernel).
+    """
+    if not isinstance(weight, BlockSparseWeight):
+        raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+    return bsr_linear_indexed(
+        x, weight.values, weight.row_offsets, weight.col_indices, weight.t_row_offsets,
+        weight.t_col_indices, weight.t_block_ids, weight.shape, bias, activation,
+    )
+
+
+def bsr_linear_indexed(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    row_offsets: torch.Tensor,
+    col_indices: torch.Tensor,
+    t_row_offsets: torch.Tensor,
+    t_col_indices: torch.Tensor,
+    t_block_ids: torch.Tensor,
+    shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """:func:`bsr_linear` on the index tensors of a :class:`BlockSparseWeight` (module use).
+
+    Only cheap metadata checks run here; the index itself was validated when the layout was
+    built, and the kernels bound-check it again.
+    """
+    n, k = shape
+    x2 = _flatten_input(x, k)
+    _check_operand(values, "weight.values", x2, "x")
+    _check_bias(bias, n, x2)
+    y = _OPS.bsr_linear(x2, values, row_offsets, col_indices, t_row_offsets, t_col_indices,
+                        t_block_ids, bias, n, _activation_code(activation))
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.register_fake("adsparse::bsr_linear")
+def _bsr_linear_fake(x, values, row_offsets, col_indices, t_row_offsets, t_col_indices,
+                     t_block_ids, bias, out_features, activation):
+    torch._check(x.dim() == 2)
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.register_fake("adsparse::bsr_linear_backward_input")
+def _bsr_linear_backward_input_fake(grad, values, t_row_offsets, t_col_indices, t_block_ids,
+                                    in_features):
+    return grad.new_empty(grad.shape[0], in_features)
+
+
+@torch.library.register_fake("adsparse::bsr_linear_backward_weight")
+def _bsr_linear_backward_weight_fake(grad, x, row_offsets, col_indices, block_rows, block_cols):
+    return grad.new_empty(col_indices.shape[0], block_rows, block_cols)
+
+
+def _relu_gate(grad: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``dy'``: the incoming gradient gated by ``y > 0`` when the op fused a ReLU."""
+    if out is None:
+        return grad.contiguous()
+    return torch.where(out > 0, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def _bsr_setup_context(ctx, inputs, output):
+    x, values, row_offsets, col_indices, t_row_offsets, t_col_indices, t_block_ids, bias, _, act = (
+        inputs
+    )
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, values, row_offsets, col_indices, t_row_offsets, t_col_indices,
+                          t_block_ids, output if act else None)
+
+
+def _bsr_backward(ctx, grad):
+    x, values, row_offsets, col_indices, t_row_offsets, t_col_indices, t_block_ids, out = (
+        ctx.saved_tensors
+    )
+    g = _relu_gate(grad, out)
+    dx = dvalues = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = _OPS.bsr_linear_backward_input(g, values, t_row_offsets, t_col_indices, t_block_ids,
+                                            x.shape[1])
+    if ctx.needs_input_grad[1]:
+        dvalues = _OPS.bsr_linear_backward_weight(g, x, row_offsets, col_indices,
+                                                  values.shape[1], values.shape[2])
+    if ctx.has_bias and ctx.needs_input_grad[7]:
+        dbias = g.sum(0)
+    return dx, dvalues, None, None, None, None, None, dbias, None, None
+
+
+torch.library.register_autograd("adsparse::bsr_linear", _bsr_backward,
+                                setup_context=_bsr_setup_context)
+
+
+# --------------------------------------------------------------------------- masked_linear
+def _block_dims(weight: torch.Tensor, mask: torch.Tensor,
+                block_size: tuple[int, int] | None) -> tuple[int, int]:
+    n, k = weight.shape
+    if block_size is None:
+        if tuple(mask.shape) != (n, k):
+            raise ValueError(
+                f"mask must be element-wise [{n}, {k}] (or give block_size for a block mask), "
+                f"got {tuple(mask.shape)}"
+            )
+        return 1, 1
+    bn, bk = (int(b) for b in block_size)
+    if bn < 1 or bk < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    grid = (-(-n // bn), -(-k // bk))
+    if tuple(mask.shape) != grid:
+        raise ValueError(
+            f"block mask must be [{grid[0]}, {grid[1]}] for weight {(n, k)} and block {(bn, bk)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    return bn, bk
+
+
+def masked_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    block_size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``act(x @ (weight * M).T + bias)`` without materialising ``weight * M``.
+
+    ``mask`` is element-wise ``[N, K]`` or, with ``block_size=(bn, bk)``, per block
+    ``[ceil(N/bn), ceil(K/bk)]``; values are 0/1 or soft in [0, 1]. Differentiable in ``x``,
+    ``weight``, ``bias`` and ``mask`` (the learned pruner trains through the mask).
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [N, K]")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("mask must be a 2-D tensor")
+    n, k = weight.shape
+    x2 = _flatten_input(x, k)
+    _check_operand(weight, "weight", x2, "x")
+    _check_operand(mask, "mask", x2, "x")
+    _check_bias(bias, n, x2)
+    bn, bk = _block_dims(weight, mask, block_size)
+    y = _OPS.masked_linear(x2, weight.contiguous(), mask.contiguous(), bias, bn, bk,
+                           _activation_code(activation))
+    return y.reshape(*x.shape[:-1], n)
+
+
+@torch.library.register_fake("adsparse::masked_linear")
+def _masked_linear_fake(x, weight, mask, bias, block_rows, block_cols, activation):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.register_fake("adsparse::masked_linear_backward_input")
+def _masked_linear_backward_input_fake(grad, weight, mask, block_rows, block_cols):
+    return grad.new_empty(grad.shape[0], weight.shape[1])
+
+
+@torch.library.register_fake("adsparse::masked_linear_backward_params")
+def _masked_linear_backward_params_fake(grad, x, weight, mask, block_rows, block_cols,
+                                        need_weight, need_mask):
+    dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    dm = mask.new_empty(mask.shape) if need_mask else mask.new_empty(0)
+    return dw, dm
+
+
+def _masked_setup_context(ctx, inputs, output):
+    x, weight, mask, bias, bn, bk, act = inputs
+    ctx.block = (bn, bk)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, mask, output if act else None)
+
+
+def _masked_backward(ctx, grad):
+    x, weight, mask, out = ctx.saved_tensors
+    bn, bk = ctx.block
+    g = _relu_gate(grad, out)
+    dx = dw = dm = dbias = None
+    if ctx.needs_input_grad[0]:
+        dx = _OPS.masked_linear_backward_input(g, weight, mask, bn, bk)
+    need_w, need_m = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    if need_w or need_m:
+        dw_, dm_ = _OPS.masked_linear_backward_params(g, x, weight, mask, bn, bk, need_w, need_m)
+        dw = dw_ if need_w else None
+        dm = dm_ if need_m else None
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = g.sum(0)
+    return dx, dw, dm, dbias, None, None, None
+
+
+torch.library.register_autograd("adsparse::masked_linear", _masked_backward,
+                                setup_context=_masked_setup_context)
+
+
+# --------------------------------------------------------------------------- backends
+_OP_NAMES = (
+    "bsr_linear",
+    "bsr_linear_backward_input",
+    "bsr_linear_backward_weight",
+    "masked_linear",
+    "masked_linear_backward_input",
+    "masked_linear_backward_params",
+)
+
+
+def _triton_kernel(name: str):
+    """A kernel that imports ``adsparse_kernels`` (and so Triton) on first use only."""
+
+    def kernel(*args):
+        if _BACKEND == "cpp" and args[0].device.type != "cpu":
+            raise RuntimeError(
+                f"adsparse.{name}: ADSPARSE_BACKEND=cpp runs only the C++ CPU kernels, but the "
+                f"input is on {args[0].device}"
+            )
+        import adsparse_kernels
+
+        return getattr(adsparse_kernels, name)(*args)
+
+    kernel.__name__ = f"{name}_triton"
+    return kernel
+
+
+_LIB = torch.library.Library("adsparse", "IMPL")  # noqa: TOR901 (kept alive for the process)
+for _name in _OP_NAMES:
+    _LIB.impl(_name, _triton_kernel(_name), "CUDA")
+    if _BACKEND == "triton":
+        # Replaces the C++ CPU kernel for this process: CPU tensors go through Triton
+        # (under TRITON_INTERPRET=1), so the whole stack can be checked against it.
+        _LIB.impl(_name, _triton_kernel(_name), "CPU", allow_override=True)
