@@ -5,10 +5,39 @@ built on them, pruning that learns each layer's sparsity, and the online trainin
 compares the dense-to-sparse paradigms on a non-stationary stream.
 """
 
+import importlib
+
 from adsparse import ops
 from adsparse.layout import BlockSparseWeight
+from adsparse.nn import (
+    BlockSparseLinear,
+    SparseLinear,
+    densify_,
+    load_sparse_state_dict,
+    sparsify_,
+)
 from adsparse.ops import bsr_linear, masked_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["BlockSparseWeight", "bsr_linear", "masked_linear", "ops"]
+__all__ = [
+    "BlockSparseLinear",
+    "BlockSparseWeight",
+    "SparseLinear",
+    "bsr_linear",
+    "densify_",
+    "load_sparse_state_dict",
+    "masked_linear",
+    "ops",
+    "sparsify_",
+]
+
+# The upper layers load on first use (`adsparse.pruning`, `adsparse.online`, ...), so importing
+# the ops and modules stays cheap.
+_LAZY = ("pruning", "online", "data", "models", "metrics", "cli")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return importlib.import_module(f"adsparse.{name}")
+    raise AttributeError(f"module 'adsparse' has no attribute {name!r}")

@@ -1,0 +1,350 @@
+"""Sparse linear modules that drop into PyTorch models, and ``sparsify_`` / ``densify_``.
+
+* :class:`SparseLinear`: a dense ``weight`` plus a ``mask`` buffer (per element or per block),
+  run through the masked kernel. The form a layer has while its mask is being chosen.
+* :class:`BlockSparseLinear`: only the stored blocks, packed (``values`` Parameter plus index
+  buffers), run through the block-sparse kernel. Trainable with its pattern fixed (optimizer state
+  exists only for stored blocks) and servable.
+
+Both are plain modules: no hooks, no parametrizations, so they deepcopy, pickle and compile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from adsparse import ops
+from adsparse.layout import BlockSparseWeight, block_weight_counts
+
+__all__ = [
+    "BlockSparseLinear",
+    "SparseLinear",
+    "densify_",
+    "expand_block_mask",
+    "prunable_layers",
+    "sparsify_",
+]
+
+_INDEX_BUFFERS = ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
+_GRANULARITIES = ("block", "element")
+
+
+def _block_size(block_size: tuple[int, int] | int) -> tuple[int, int]:
+    if isinstance(block_size, int):
+        block_size = (block_size, block_size)
+    bn, bk = (int(b) for b in block_size)
+    if bn < 1 or bk < 1:
+        raise ValueError(f"block_size must be >= 1 on both sides, got {block_size}")
+    return bn, bk
+
+
+def expand_block_mask(mask: torch.Tensor, block_size: tuple[int, int],
+                      shape: tuple[int, int]) -> torch.Tensor:
+    """The element-wise ``[N, K]`` mask that a block-grid mask stands for."""
+    bn, bk = block_size
+    n, k = shape
+    return mask.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ (weight * mask).T + bias`` through the masked kernel.
+
+    Args:
+        in_features, out_features, bias: as :class:`torch.nn.Linear`.
+        block_size: ``(bn, bk)`` rows x columns of a mask block (``granularity="block"``).
+        granularity: ``"block"`` (mask ``[ceil(N/bn), ceil(K/bk)]``, what the block-sparse
+            kernels accelerate) or ``"element"`` (mask ``[N, K]``, unstructured).
+
+    The mask is a float buffer with values in [0, 1] (0/1 once a pruner hardened it).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 block_size: tuple[int, int] | int = (16, 16), granularity: str = "block",
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        if granularity not in _GRANULARITIES:
+            raise ValueError(f"granularity must be one of {_GRANULARITIES}, got {granularity!r}")
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"features must be >= 1, got {(in_features, out_features)}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.block_size = _block_size(block_size)
+        self.granularity = granularity
+        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight = nn.Parameter(ref.weight.detach())
+        self.bias = nn.Parameter(ref.bias.detach()) if bias else None
+        self.register_buffer("mask", torch.ones(self.mask_shape, device=self.weight.device,
+                                                dtype=self.weight.dtype))
+
+    @property
+    def mask_shape(self) -> tuple[int, int]:
+        if self.granularity == "element":
+            return self.out_features, self.in_features
+        bn, bk = self.block_size
+        return math.ceil(self.out_features / bn), math.ceil(self.in_features / bk)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: tuple[int, int] | int = (16, 16),
+                    granularity: str = "block", mask: torch.Tensor | None = None) -> SparseLinear:
+        """Wrap an ``nn.Linear``'s parameters (shared, not copied) with an all-ones or given mask."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    block_size=block_size, granularity=granularity, device="meta")
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.mask = torch.ones(layer.mask_shape, device=linear.weight.device,
+                                dtype=linear.weight.dtype)
+        if mask is not None:
+            layer.set_mask(mask)
+        return layer
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        """Replace the mask (copied, cast to the weight's dtype and device)."""
+        if tuple(mask.shape) != self.mask_shape:
+            raise ValueError(f"mask must be {self.mask_shape} for {self!r}, got {tuple(mask.shape)}")
+        self.mask = mask.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone()
+
+    def element_mask(self) -> torch.Tensor:
+        """The mask as ``[N, K]``."""
+        if self.granularity == "element":
+            return self.mask
+        return expand_block_mask(self.mask, self.block_size, (self.out_features, self.in_features))
+
+    def masked_weight(self) -> torch.Tensor:
+        """``weight * mask`` as a dense ``[N, K]`` tensor (for export and references)."""
+        return self.weight * self.element_mask()
+
+    @property
+    def density(self) -> float:
+        """Share of the ``N*K`` weights whose mask is nonzero."""
+        if self.granularity == "element":
+            return float((self.mask != 0).float().mean())
+        counts = block_weight_counts((self.out_features, self.in_features), self.block_size)
+        kept = counts.to(self.mask.device)[self.mask != 0].sum()
+        return float(kept) / (self.out_features * self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = None if self.granularity == "element" else self.block_size
+        return ops.masked_linear(x, self.weight, self.mask, self.bias, block_size=block)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, granularity={self.granularity}, "
+                f"block_size={self.block_size}, density={self.density:.4f}")
+
+
+class BlockSparseLinear(nn.Module):
+    """``y = act(x @ W.T + bias)`` with only the stored blocks of ``W`` kept, packed.
+
+    ``values`` is the trainable Parameter ``[nnzb, bn, bk]``; the index lives in buffers, so the
+    pattern is fixed until the module is rebuilt. Build with :meth:`from_dense`.
+    """
+
+    def __init__(self, weight: BlockSparseWeight, bias: torch.Tensor | None = None,
+                 activation: str | None = None):
+        super().__init__()
+        if not isinstance(weight, BlockSparseWeight):
+            raise TypeError(f"weight must be a BlockSparseWeight, got {type(weight).__name__}")
+        ops._activation_code(activation)
+        self.out_features, self.in_features = weight.shape
+        self.block_size = weight.block_size
+        self.activation = activation
+        self.values = nn.Parameter(weight.values.detach().clone())
+        for name in _INDEX_BUFFERS:
+            self.register_buffer(name, getattr(weight, name).clone())
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias must be [{self.out_features}], got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear | SparseLinear, mask: torch.Tensor | None = None,
+                   density: float | None = None, block_size: tuple[int, int] | int = (16, 16),
+                   activation: str | None = None) -> BlockSparseLinear:
+        """Pack an ``nn.Linear`` or a ``SparseLinear``.
+
+        The blocks kept are given by a block-grid ``mask``, else the ``density`` share of blocks
+        of largest norm, else (for a block ``SparseLinear`` with the same block size) the
+        layer's own mask, else all blocks. A ``SparseLinear`` contributes ``weight * mask``.
+        """
+        block_size = _block_size(block_size)
+        if isinstance(linear, SparseLinear):
+            dense = linear.masked_weight()
+            if mask is None and density is None and linear.granularity == "block":
+                if linear.block_size != block_size:
+                    raise ValueError(
+                        f"SparseLinear has block size {linear.block_size}, asked for {block_size}"
+                    )
+                mask = linear.mask != 0
+        elif isinstance(linear, nn.Linear):
+            dense = linear.weight
+        else:
+            raise TypeError(f"expected nn.Linear or SparseLinear, got {type(linear).__name__}")
+        if density is not None and not 0.0 < density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {density}")
+        weight = BlockSparseWeight.from_dense(dense.detach(), block_size, mask=mask, density=density)
+        return cls(weight, None if linear.bias is None else linear.bias.detach(), activation)
+
+    def weight(self) -> BlockSparseWeight:
+        """The packed weight (sharing this module's tensors)."""
+        return BlockSparseWeight(self.values, self.row_offsets, self.col_indices,
+                                 (self.out_features, self.in_features), self.t_row_offsets,
+                                 self.t_col_indices, self.t_block_ids, check=False)
+
+    def block_mask(self) -> torch.Tensor:
+        """Boolean block grid of the stored blocks."""
+        return self.weight().block_mask()
+
+    @property
+    def density(self) -> float:
+        """Share of the ``N*K`` weights inside stored blocks."""
+        return self.weight().density
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same function (zeros outside the stored blocks)."""
+        if self.activation is not None:
+            raise ValueError("to_dense() of a layer with a fused activation has no nn.Linear form")
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight().to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.bsr_linear_indexed(
+            x, self.values, self.row_offsets, self.col_indices, self.t_row_offsets,
+            self.t_col_indices, self.t_block_ids, (self.out_features, self.in_features),
+            self.bias, self.activation,
+        )
+
+    # The pattern is part of the module's identity: loading another one must fail loudly.
+    def get_extra_state(self) -> dict:
+        return {"shape": (self.out_features, self.in_features), "block_size": self.block_size,
+                "activation": self.activation}
+
+    def set_extra_state(self, state: dict) -> None:  # checked in _load_from_state_dict
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        layer = prefix.rstrip(".") or "<root>"
+        extra = state_dict.get(prefix + "_extra_state")
+        mine = self.get_extra_state()
+        if extra is not None and (tuple(extra["shape"]) != mine["shape"]
+                                  or tuple(extra["block_size"]) != mine["block_size"]):
+            error_msgs.append(
+                f"BlockSparseLinear {layer}: checkpoint has shape {tuple(extra['shape'])} and block "
+                f"{tuple(extra['block_size'])}, module has {mine['shape']} and "
+                f"{mine['block_size']}"
+            )
+            return
+        for name in ("row_offsets", "col_indices"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and not torch.equal(saved.cpu(), getattr(self, name).cpu()):
+                error_msgs.append(
+                    f"BlockSparseLinear {layer}: the checkpoint's sparsity pattern ({name}) differs "
+                    "from the module's; rebuild the module with adsparse.nn.load_sparse_state_dict"
+                )
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        act = f", activation={self.activation}" if self.activation else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, density={self.density:.4f}, "
+                f"bias={self.bias is not None}{act}")
+
+
+# --------------------------------------------------------------------------- model-level
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None,
+                    types: tuple[type, ...] = (nn.Linear, SparseLinear)) -> list[tuple[str, nn.Module]]:
+    """``(fqn, module)`` of every layer of ``types`` selected by ``filter_fn(module, fqn)``."""
+    return [(fqn, m) for fqn, m in model.named_modules()
+            if isinstance(m, types) and (filter_fn is None or filter_fn(m, fqn))]
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
+    if fqn == "":
+        return new
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+    return model
+
+
+def sparsify_(model: nn.Module, density: float | None = None,
+              masks: Mapping[str, torch.Tensor] | None = None,
+              block_size: tuple[int, int] | int = (16, 16),
+              filter_fn: FilterFn | None = None) -> nn.Module:
+    """Replace, in place, ``nn.Linear``/``SparseLinear`` layers by :class:`BlockSparseLinear`.
+
+    With ``masks`` (``{fqn: block-grid mask}``, e.g. from a pruner) exactly those layers are
+    replaced; otherwise every layer selected by ``filter_fn(module, fqn)`` is, keeping the
+    ``density`` share of blocks of largest norm (or, for a block ``SparseLinear``, its own mask).
+    Returns the model (a bare ``nn.Linear`` passed as ``model`` is returned replaced).
+    """
+    if masks is not None:
+        known = dict(prunable_layers(model))
+        unknown = sorted(set(masks) - set(known))
+        if unknown:
+            raise ValueError(f"masks name layers that are not nn.Linear/SparseLinear: {unknown}")
+    selected = prunable_layers(model, filter_fn)
+    if masks is not None:
+        selected = [(fqn, m) for fqn, m in selected if fqn in masks]
+    elif density is None:
+        plain = [fqn for fqn, m in selected if not isinstance(m, SparseLinear)]
+        if plain:
+            raise ValueError(f"give density or masks to sparsify nn.Linear layers {plain}")
+    for fqn, module in selected:
+        mask = None if masks is None else masks[fqn]
+        if mask is not None and isinstance(module, SparseLinear) and module.granularity == "element":
+            raise ValueError(f"layer {fqn!r} has an element mask; block-sparse needs a block mask")
+        try:
+            new = BlockSparseLinear.from_dense(module, mask=mask, density=density,
+                                               block_size=block_size)
+        except ValueError as err:
+            raise ValueError(f"layer {fqn!r}: {err}") from err
+        model = _replace(model, fqn, new)
+    return model
+
+
+def densify_(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
+    """Replace every :class:`BlockSparseLinear` by the equivalent ``nn.Linear``, in place."""
+    for fqn, module in prunable_layers(model, filter_fn, types=(BlockSparseLinear,)):
+        model = _replace(model, fqn, module.to_dense())
+    return model
+
+
+def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           strict: bool = True) -> nn.Module:
+    """Load a state dict whose block-sparse patterns may differ from the model's.
+
+    Every ``BlockSparseLinear`` named in ``state_dict`` is first rebuilt with the saved pattern
+    (checkpoints of a run whose sparse model was regenerated), then the state is loaded.
+    """
+    for fqn, module in prunable_layers(model, types=(BlockSparseLinear,)):
+        prefix = f"{fqn}." if fqn else ""
+        if prefix + "values" not in state_dict:
+            continue
+        index = {name: state_dict[prefix + name] for name in _INDEX_BUFFERS}
+        weight = BlockSparseWeight(state_dict[prefix + "values"], index["row_offsets"],
+                                   index["col_indices"], (module.out_features, module.in_features),
+                                   index["t_row_offsets"], index["t_col_indices"],
+                                   index["t_block_ids"])
+        bias = state_dict.get(prefix + "bias")
+        new = BlockSparseLinear(weight, bias, module.activation).to(module.values.device)
+        model = _replace(model, fqn, new)
+    model.load_state_dict(state_dict, strict=strict)
+    return model
