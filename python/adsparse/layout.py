@@ -8,7 +8,8 @@ read or write past ``N``/``K`` in the dense operands.
 
 Index (CSR over block rows, like ``torch.sparse_bsr``):
 
-* ``row_offsets [ceil(N/bn) + 1]``: blocks of block-row ``r`` are ``row_offsets[r]:row_offsets[r+1]``.
+* ``row_offsets [ceil(N/bn) + 1]``: block-row ``r`` holds blocks
+  ``row_offsets[r]:row_offsets[r+1]``.
 * ``col_indices [nnzb]``: block-column of each stored block, strictly increasing within a row.
 
 Transposed index (CSR over block columns), used by the input gradient ``dx = dy @ W`` so that
@@ -273,7 +274,9 @@ class BlockSparseWeight:
     def with_values(self, values: torch.Tensor) -> BlockSparseWeight:
         """Same pattern, other values (no re-validation of the index)."""
         if values.shape != self.values.shape:
-            raise ValueError(f"values must be {tuple(self.values.shape)}, got {tuple(values.shape)}")
+            raise ValueError(
+                f"values must be {tuple(self.values.shape)}, got {tuple(values.shape)}"
+            )
         return BlockSparseWeight(values, self.row_offsets, self.col_indices, self.shape,
                                  self.t_row_offsets, self.t_col_indices, self.t_block_ids,
                                  check=False)

@@ -89,7 +89,7 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: tuple[int, int] | int = (16, 16),
                     granularity: str = "block", mask: torch.Tensor | None = None) -> SparseLinear:
-        """Wrap an ``nn.Linear``'s parameters (shared, not copied) with an all-ones or given mask."""
+        """Wrap an ``nn.Linear``'s parameters (shared, not copied) with a given or all-ones mask."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"expected nn.Linear, got {type(linear).__name__}")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -105,7 +105,9 @@ class SparseLinear(nn.Module):
     def set_mask(self, mask: torch.Tensor) -> None:
         """Replace the mask (copied, cast to the weight's dtype and device)."""
         if tuple(mask.shape) != self.mask_shape:
-            raise ValueError(f"mask must be {self.mask_shape} for {self!r}, got {tuple(mask.shape)}")
+            raise ValueError(
+                f"mask must be {self.mask_shape} for {self!r}, got {tuple(mask.shape)}"
+            )
         self.mask = mask.detach().to(device=self.weight.device, dtype=self.weight.dtype).clone()
 
     def element_mask(self) -> torch.Tensor:
@@ -188,7 +190,8 @@ class BlockSparseLinear(nn.Module):
             raise TypeError(f"expected nn.Linear or SparseLinear, got {type(linear).__name__}")
         if density is not None and not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
-        weight = BlockSparseWeight.from_dense(dense.detach(), block_size, mask=mask, density=density)
+        weight = BlockSparseWeight.from_dense(dense.detach(), block_size, mask=mask,
+                                              density=density)
         return cls(weight, None if linear.bias is None else linear.bias.detach(), activation)
 
     def weight(self) -> BlockSparseWeight:
@@ -241,8 +244,8 @@ class BlockSparseLinear(nn.Module):
         if extra is not None and (tuple(extra["shape"]) != mine["shape"]
                                   or tuple(extra["block_size"]) != mine["block_size"]):
             error_msgs.append(
-                f"BlockSparseLinear {layer}: checkpoint has shape {tuple(extra['shape'])} and block "
-                f"{tuple(extra['block_size'])}, module has {mine['shape']} and "
+                f"BlockSparseLinear {layer}: checkpoint has shape {tuple(extra['shape'])} and "
+                f"block {tuple(extra['block_size'])}, module has {mine['shape']} and "
                 f"{mine['block_size']}"
             )
             return
@@ -250,8 +253,9 @@ class BlockSparseLinear(nn.Module):
             saved = state_dict.get(prefix + name)
             if saved is not None and not torch.equal(saved.cpu(), getattr(self, name).cpu()):
                 error_msgs.append(
-                    f"BlockSparseLinear {layer}: the checkpoint's sparsity pattern ({name}) differs "
-                    "from the module's; rebuild the module with adsparse.nn.load_sparse_state_dict"
+                    f"BlockSparseLinear {layer}: the checkpoint's sparsity pattern ({name}) "
+                    "differs from the module's; rebuild the module with "
+                    "adsparse.nn.load_sparse_state_dict"
                 )
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -268,8 +272,11 @@ class BlockSparseLinear(nn.Module):
 FilterFn = Callable[[nn.Module, str], bool]
 
 
-def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None,
-                    types: tuple[type, ...] = (nn.Linear, SparseLinear)) -> list[tuple[str, nn.Module]]:
+def prunable_layers(
+    model: nn.Module,
+    filter_fn: FilterFn | None = None,
+    types: tuple[type, ...] = (nn.Linear, SparseLinear),
+) -> list[tuple[str, nn.Module]]:
     """``(fqn, module)`` of every layer of ``types`` selected by ``filter_fn(module, fqn)``."""
     return [(fqn, m) for fqn, m in model.named_modules()
             if isinstance(m, types) and (filter_fn is None or filter_fn(m, fqn))]
@@ -309,7 +316,8 @@ def sparsify_(model: nn.Module, density: float | None = None,
             raise ValueError(f"give density or masks to sparsify nn.Linear layers {plain}")
     for fqn, module in selected:
         mask = None if masks is None else masks[fqn]
-        if mask is not None and isinstance(module, SparseLinear) and module.granularity == "element":
+        element = isinstance(module, SparseLinear) and module.granularity == "element"
+        if mask is not None and element:
             raise ValueError(f"layer {fqn!r} has an element mask; block-sparse needs a block mask")
         try:
             new = BlockSparseLinear.from_dense(module, mask=mask, density=density,

@@ -73,7 +73,9 @@ def _flatten_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., K]")
     if x.shape[-1] != in_features:
-        raise ValueError(f"x.shape[-1] = {x.shape[-1]} does not match in_features K = {in_features}")
+        raise ValueError(
+            f"x.shape[-1] = {x.shape[-1]} does not match in_features K = {in_features}"
+        )
     return x.reshape(-1, in_features).contiguous()
 
 
@@ -312,7 +314,7 @@ def _triton_kernel(name: str):
     return kernel
 
 
-_LIB = torch.library.Library("adsparse", "IMPL")  # noqa: TOR901 (kept alive for the process)
+_LIB = torch.library.Library("adsparse", "IMPL")  # kept alive for the process
 for _name in _OP_NAMES:
     _LIB.impl(_name, _triton_kernel(_name), "CUDA")
     if _BACKEND == "triton":
