@@ -2,4 +2,27 @@
 
 Each public function has exactly the signature of the op schema of the same name in
 csrc/registration.cpp, so python/adsparse/ops.py registers it as that op's kernel.
+``CALLS`` counts the calls of each function in this process (tests use it to prove routing).
 """
+
+from adsparse_kernels._common import CALLS
+from adsparse_kernels.bsr_linear import (
+    bsr_linear,
+    bsr_linear_backward_input,
+    bsr_linear_backward_weight,
+)
+from adsparse_kernels.masked_linear import (
+    masked_linear,
+    masked_linear_backward_input,
+    masked_linear_backward_params,
+)
+
+__all__ = [
+    "CALLS",
+    "bsr_linear",
+    "bsr_linear_backward_input",
+    "bsr_linear_backward_weight",
+    "masked_linear",
+    "masked_linear_backward_input",
+    "masked_linear_backward_params",
+]

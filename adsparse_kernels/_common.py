@@ -1,0 +1,77 @@
+"""Shared helpers of the Triton kernels: argument checks, dtypes, precision and tuning configs."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+import torch
+import triton
+
+# The interpreter runs every autotuning candidate in Python; one config keeps CPU tests fast.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# How many times each public kernel ran in this process. Tests read it to prove that the public
+# ops were routed through Triton (ADSPARSE_BACKEND=triton); it costs one dict update per call.
+CALLS: collections.Counter[str] = collections.Counter()
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def next_pow2(n: int) -> int:
+    """``tl.arange`` needs power-of-two extents: tiles are padded up and masked."""
+    return int(triton.next_power_of_2(max(int(n), 1)))
+
+
+def bucket(n: int) -> int:
+    """Power-of-two bucket of a batch size, used as an autotune key.
+
+    Keying on the exact batch would re-tune for every odd last mini-batch of a stream.
+    """
+    return next_pow2(n)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot``: tf32 only for fp32 and only when torch allows it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def check_float(t: torch.Tensor, name: str, like: torch.Tensor | None = None,
+                like_name: str = "x") -> None:
+    """Raise ``ValueError`` naming ``name`` unless it is a float tensor matching ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+        if t.dtype != like.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {like_name} has {like.dtype}")
+
+
+def check_index(t: torch.Tensor, name: str, like: torch.Tensor, numel: int | None = None) -> None:
+    """Raise ``ValueError`` unless ``t`` is a 1-D int64 tensor on ``like``'s device.
+
+    Only metadata is checked (a value check would synchronise the GPU); the kernels mask every
+    load by the index bounds, so a corrupt index yields wrong numbers but never a stray read.
+    """
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int64 tensor")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the operands are on {like.device}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} must have {numel} entries, got {t.numel()}")
+
+
+def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
+    """The GPU search space, or the single interpreter config under ``TRITON_INTERPRET=1``."""
+    return [interpret] if INTERPRET else gpu
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
