@@ -1,6 +1,14 @@
 """Streams of mini-batches for online training: the synthetic default and Criteo TSV files."""
 
 from adsparse.data.base import Batch, Stream
+from adsparse.data.criteo import CriteoStream, hash_category
 from adsparse.data.synthetic import CRITEO_LIKE_SIZES, SyntheticCTRStream
 
-__all__ = ["CRITEO_LIKE_SIZES", "Batch", "Stream", "SyntheticCTRStream"]
+__all__ = [
+    "CRITEO_LIKE_SIZES",
+    "Batch",
+    "CriteoStream",
+    "Stream",
+    "SyntheticCTRStream",
+    "hash_category",
+]

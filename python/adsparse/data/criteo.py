@@ -1,0 +1,228 @@
+"""Criteo click logs in TSV form (Kaggle ``train.txt``, Terabyte ``day_0 .. day_23``, ``.gz``).
+
+Each line is ``label <TAB> I1..I13 <TAB> C1..C26``: a 0/1 label, 13 integer counts and 26
+categorical values written as hexadecimal strings; any of the 39 features may be empty.
+
+* Dense: ``log1p(max(x, 0))``; empty counts are 0 (Terabyte has negative counts: clamped).
+* Categorical: the hex value is hashed into ``[1, hash_size)`` of its table with a per-field
+  salt; an empty value maps to the reserved ID 0.
+* A line with the wrong number of columns, a label that is not 0/1, or a value that does not
+  parse is skipped and counted (:attr:`CriteoStream.malformed_rows`, per period in
+  :attr:`CriteoStream.malformed_by_period`, and a log message at the end of the period);
+  it never stops the stream.
+
+Files are read line by line (gzip decompressed on the fly), so memory stays bounded by one
+batch whatever the size of the file (a Terabyte day is ~200M rows).
+
+Periods: with ``rows_per_period=None`` every file is one period (a day). With
+``rows_per_period=R`` the files are concatenated and period ``p`` is lines ``[pR, (p+1)R)`` of
+that concatenation (counting malformed lines too, so boundaries do not depend on parsing);
+``period(p)`` then re-scans the files from the start and skips ``pR`` lines, which costs
+time but no memory, and ``num_periods`` counts the lines once (lazily) unless given.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from adsparse.data.base import Batch
+
+__all__ = ["CRITEO_NUM_DENSE", "CRITEO_NUM_SPARSE", "CriteoStream", "hash_category"]
+
+CRITEO_NUM_DENSE = 13
+CRITEO_NUM_SPARSE = 26
+_COLUMNS = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE
+_MASK64 = (1 << 64) - 1
+
+log = logging.getLogger(__name__)
+
+
+def hash_category(value: int, field: int, size: int) -> int:
+    """Hash the categorical ``value`` of ``field`` into ``[1, size)`` (0 is "missing").
+
+    splitmix64 of the value xor a per-field salt: cheap, well mixed, and stable across runs
+    and machines (unlike Python's ``hash`` of a string).
+    """
+    z = (value ^ ((field + 1) * 0x9E3779B97F4A7C15)) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return 1 + z % (size - 1)
+
+
+def _open(path: str) -> BinaryIO:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+class CriteoStream:
+    """Mini-batches from Criteo TSV files (see the module docstring for the format).
+
+    Args:
+        paths: one or more files, in stream order; ``.gz`` files are decompressed on the fly.
+        rows_per_period: ``None`` for one period per file, or a fixed number of lines per
+            period across the concatenated files.
+        batch_size: rows per :class:`Batch` (the last batch of a period may be shorter).
+        hash_sizes: rows of each of the 26 tables (one int for all, or 26 ints); ID 0 of each
+            table is reserved for empty values. Default 32768 rows per table.
+        num_periods: with ``rows_per_period``, cap the stream at this many periods (also skips
+            counting the lines of the files).
+
+    Raises:
+        ValueError: no paths, bad sizes.
+        FileNotFoundError / PermissionError / OSError: a file is missing or unreadable (checked
+            here, at construction, not halfway through a run).
+    """
+
+    num_dense = CRITEO_NUM_DENSE
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        rows_per_period: int | None = None,
+        batch_size: int = 256,
+        hash_sizes: int | Sequence[int] = 32768,
+        num_periods: int | None = None,
+    ) -> None:
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [os.fspath(p) for p in paths]
+        if not self.paths:
+            raise ValueError("CriteoStream needs at least one path")
+        if rows_per_period is not None and rows_per_period < 1:
+            raise ValueError(f"rows_per_period must be >= 1, got {rows_per_period}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sizes = [hash_sizes] * CRITEO_NUM_SPARSE if isinstance(hash_sizes, int) else hash_sizes
+        self.embedding_sizes = [int(s) for s in sizes]
+        if len(self.embedding_sizes) != CRITEO_NUM_SPARSE or min(self.embedding_sizes) < 2:
+            raise ValueError(
+                f"hash_sizes must be one int >= 2 or {CRITEO_NUM_SPARSE} ints >= 2, got {sizes}"
+            )
+        for path in self.paths:
+            self._check_readable(path)
+        self.rows_per_period = rows_per_period
+        self.batch_size = int(batch_size)
+        self._num_periods = num_periods
+        if rows_per_period is None:
+            if num_periods is not None and num_periods != len(self.paths):
+                raise ValueError("num_periods must equal len(paths) when each file is a period")
+            self._num_periods = len(self.paths)
+        self.malformed_by_period: dict[int, int] = {}
+
+    @staticmethod
+    def _check_readable(path: str) -> None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Criteo file not found: {path}")
+        if not os.path.isfile(path):
+            raise OSError(f"Criteo path is not a regular file: {path}")
+        try:
+            with _open(path) as fh:
+                fh.read(1)  # for .gz this checks the gzip header too
+        except PermissionError as err:
+            raise PermissionError(f"Criteo file is not readable: {path} ({err})") from err
+        except (OSError, EOFError) as err:
+            raise OSError(f"cannot read Criteo file {path}: {err}") from err
+
+    # ------------------------------------------------------------------ stream protocol
+    @property
+    def num_periods(self) -> int:
+        """Periods in the stream (counts the files' lines once in ``rows_per_period`` mode)."""
+        if self._num_periods is None:
+            total = sum(sum(1 for _ in self._lines(path)) for path in self.paths)
+            self._num_periods = max(1, math.ceil(total / self.rows_per_period))
+        return self._num_periods
+
+    @property
+    def num_sparse(self) -> int:
+        return CRITEO_NUM_SPARSE
+
+    @property
+    def malformed_rows(self) -> int:
+        """Malformed lines skipped so far (each period counted once, even if re-read)."""
+        return sum(self.malformed_by_period.values())
+
+    def period(self, p: int) -> Iterator[Batch]:
+        """The batches of period ``p``; the malformed lines are counted when it is exhausted."""
+        if not 0 <= p < self.num_periods:
+            raise IndexError(f"period {p} out of range [0, {self.num_periods})")
+        if self.rows_per_period is None:
+            lines: Iterable[bytes] = self._lines(self.paths[p])
+        else:
+            lines = self._line_range(p * self.rows_per_period, self.rows_per_period)
+        return self._batches(p, lines)
+
+    def __repr__(self) -> str:
+        return (f"CriteoStream({len(self.paths)} file(s), rows_per_period={self.rows_per_period},"
+                f" batch_size={self.batch_size})")
+
+    # ------------------------------------------------------------------ reading
+    def _lines(self, path: str) -> Iterator[bytes]:
+        with _open(path) as fh:
+            yield from fh
+
+    def _line_range(self, start: int, count: int) -> Iterator[bytes]:
+        seen = 0
+        for path in self.paths:
+            for line in self._lines(path):
+                if seen >= start + count:
+                    return
+                if seen >= start:
+                    yield line
+                seen += 1
+
+    def _batches(self, p: int, lines: Iterable[bytes]) -> Iterator[Batch]:
+        sizes = self.embedding_sizes
+        dense = np.zeros((self.batch_size, CRITEO_NUM_DENSE), dtype=np.float64)
+        sparse = np.zeros((self.batch_size, CRITEO_NUM_SPARSE), dtype=np.int64)
+        labels = np.zeros(self.batch_size, dtype=np.float32)
+        rows = malformed = 0
+        for line in lines:
+            if _parse_line(line, sizes, dense[rows], sparse[rows], labels, rows):
+                rows += 1
+                if rows == self.batch_size:
+                    yield _make_batch(dense, sparse, labels, rows)
+                    rows = 0
+            elif line.strip():  # a blank line (e.g. a trailing newline) is not an error
+                malformed += 1
+        if rows:
+            yield _make_batch(dense, sparse, labels, rows)
+        self.malformed_by_period[p] = malformed
+        if malformed:
+            log.warning("Criteo period %d: skipped %d malformed line(s)", p, malformed)
+
+
+def _make_batch(dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray, rows: int) -> Batch:
+    return Batch(
+        torch.from_numpy(np.log1p(dense[:rows]).astype(np.float32)),
+        torch.from_numpy(sparse[:rows].copy()),
+        torch.from_numpy(labels[:rows].copy()),
+    )
+
+
+def _parse_line(line: bytes, sizes: list[int], dense_row: np.ndarray, sparse_row: np.ndarray,
+                labels: np.ndarray, row: int) -> bool:
+    """Fill one row from ``line``; return False (row untouched or partly written) if malformed."""
+    cols = line.rstrip(b"\r\n").split(b"\t")
+    if len(cols) != _COLUMNS or cols[0] not in (b"0", b"1"):
+        return False
+    try:
+        for j in range(CRITEO_NUM_DENSE):
+            v = cols[1 + j]
+            dense_row[j] = max(int(v), 0) if v else 0
+        for f in range(CRITEO_NUM_SPARSE):
+            v = cols[1 + CRITEO_NUM_DENSE + f]
+            sparse_row[f] = hash_category(int(v, 16), f, sizes[f]) if v else 0
+    except ValueError:
+        return False
+    labels[row] = 1.0 if cols[0] == b"1" else 0.0
+    return True
