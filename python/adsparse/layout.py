@@ -86,6 +86,13 @@ class BlockSparseWeight:
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
+        # The kernels walk the index through raw pointers: a strided or expanded view (a slice
+        # of another tensor) would be read as garbage, so own a dense copy of each index.
+        for name in ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices",
+                     "t_block_ids"):
+            index = getattr(self, name)
+            if isinstance(index, torch.Tensor) and not index.is_contiguous():
+                setattr(self, name, index.contiguous())
         if self.check:
             self._validate_forward_index()
         if self.t_row_offsets is None:

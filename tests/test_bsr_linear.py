@@ -1,0 +1,362 @@
+"""bsr_linear: forward and gradients against a float64 dense reference, edge cases, errors, opcheck.
+
+The reference is ``act(F.linear(x, W.to_dense(), bias))`` on the same packed values, differentiated
+by autograd in float64 (gradients reach ``values`` through ``to_dense``, so padding gets zero).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import (
+    apply_activation,
+    assert_f32_close,
+    check_against_reference,
+    random_bsr,
+)
+
+from adsparse.layout import BlockSparseWeight
+from adsparse.ops import bsr_linear
+
+OPS = torch.ops.adsparse
+
+
+def _op_fn(w: BlockSparseWeight, activation: str | None):
+    def fn(x, values, bias):
+        return bsr_linear(x, w.with_values(values), bias, activation)
+
+    return fn
+
+
+def _ref_fn(w: BlockSparseWeight, activation: str | None):
+    def fn(x, values, bias):
+        return apply_activation(F.linear(x, w.with_values(values).to_dense(), bias), activation)
+
+    return fn
+
+
+def _check(w: BlockSparseWeight, x: torch.Tensor, bias: torch.Tensor | None,
+           activation: str | None, wrt: tuple[str, ...] = ("x", "values", "bias")) -> None:
+    wrt = tuple(name for name in wrt if name != "bias" or bias is not None)
+    check_against_reference(_op_fn(w, activation), _ref_fn(w, activation),
+                            {"x": x, "values": w.values, "bias": bias}, wrt)
+
+
+# (N, K, B, block, density, bias, activation): odd shapes x every block size x every density,
+# a sensible subset rather than the full product (the reference kernels are slow at N=1000).
+CASES = [
+    *[(13, 7, 3, blk, d, d != 0.5, "relu" if d in (0.05, 1.0) else None)
+      for blk in [(16, 16), (32, 32), (1, 16), (8, 4)] for d in (0.0, 0.05, 0.5, 1.0)],
+    (1000, 513, 17, (16, 16), 0.05, True, "relu"),
+    (1000, 513, 17, (16, 16), 0.5, False, None),
+    (1000, 513, 17, (32, 32), 1.0, True, None),
+    (1000, 513, 17, (1, 16), 0.05, False, "relu"),
+    (1000, 513, 17, (8, 4), 0.05, True, None),
+    (1000, 513, 17, (32, 32), 0.0, True, "relu"),
+    (64, 48, 1, (16, 16), 0.5, True, "relu"),
+    (64, 48, 1, (32, 32), 0.05, False, None),
+    (64, 48, 1, (1, 16), 1.0, False, "relu"),
+    (64, 48, 1, (8, 4), 0.0, True, None),
+    (100, 77, 5, (3, 5), 0.5, True, "relu"),
+]
+
+
+@pytest.mark.parametrize(("n", "k", "b", "block", "density", "has_bias", "activation"), CASES)
+def test_forward_backward_matches_dense_reference(n, k, b, block, density, has_bias, activation):
+    w = random_bsr(n, k, block, density)
+    x = torch.randn(b, k)
+    bias = torch.randn(n) if has_bias else None
+    _check(w, x, bias, activation)
+
+
+@pytest.mark.parametrize(("n", "k", "b", "block"), [(13, 7, 3, (8, 4)), (13, 7, 3, (1, 16)),
+                                                    (100, 77, 5, (16, 16)),
+                                                    (100, 77, 5, (32, 32))])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_every_cpu_path(cpu_isa, n, k, b, block, activation):
+    w = random_bsr(n, k, block, 0.5)
+    _check(w, torch.randn(b, k), torch.randn(n), activation)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts(threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = random_bsr(200, 150, (16, 16), 0.3)
+        _check(w, torch.randn(33, 150), torch.randn(200), "relu")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_requires_grad_subsets():
+    w = random_bsr(40, 30, (8, 4), 0.5)
+    x = torch.randn(6, 30)
+    for wrt in [("x",), ("values",), ("bias",), ("x", "bias")]:
+        _check(w, x, torch.randn(40), "relu", wrt=wrt)
+    # Only what requires grad gets a gradient.
+    values = w.values.clone().requires_grad_()
+    xr = x.clone()
+    bsr_linear(xr, w.with_values(values), torch.randn(40)).sum().backward()
+    assert values.grad is not None and xr.grad is None
+
+
+def test_values_as_parameter():
+    w = random_bsr(40, 30, (16, 16), 0.5)
+    values = torch.nn.Parameter(w.values.clone())
+    bsr_linear(torch.randn(4, 30), w.with_values(values), activation="relu").pow(2).sum().backward()
+    assert values.grad is not None and values.grad.shape == values.shape
+
+
+# --------------------------------------------------------------------------- input shapes/strides
+@pytest.mark.parametrize("lead", [(), (2, 5), (3, 1, 4)])
+def test_batched_input_shapes(lead):
+    w = random_bsr(13, 7, (8, 4), 0.5)
+    x = torch.randn(*lead, 7)
+    assert bsr_linear(x, w).shape == (*lead, 13)
+    _check(w, x, torch.randn(13), "relu")
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "expanded"])
+def test_non_contiguous_input(layout):
+    n, k, b = 37, 29, 6
+    w = random_bsr(n, k, (8, 4), 0.5)
+    # The leaf is a different tensor from the op's input: the view is taken inside the function.
+    view = {"sliced": lambda t: t[1::2, ::3], "transposed": lambda t: t.t(),
+            "expanded": lambda t: t.expand(b, k)}[layout]
+    leaf = {"sliced": torch.randn(2 * b + 1, 3 * k), "transposed": torch.randn(k, b),
+            "expanded": torch.randn(1, k)}[layout]
+    assert not view(leaf).is_contiguous()
+    op, ref = _op_fn(w, "relu"), _ref_fn(w, "relu")
+    check_against_reference(
+        lambda x, values, bias: op(view(x), values, bias),
+        lambda x, values, bias: ref(view(x), values, bias),
+        {"x": leaf, "values": w.values, "bias": torch.randn(n)}, ("x", "values", "bias"),
+    )
+
+
+def test_non_contiguous_values_and_bias():
+    n, k = 37, 29
+    w = random_bsr(n, k, (8, 4), 0.5)
+    op, ref = _op_fn(w, None), _ref_fn(w, None)
+    # values stored column-major inside each block; bias a strided slice.
+    check_against_reference(
+        lambda x, values, bias: op(x, values.transpose(1, 2), bias[::2]),
+        lambda x, values, bias: ref(x, values.transpose(1, 2), bias[::2]),
+        {"x": torch.randn(5, k), "values": w.values.transpose(1, 2).contiguous(),
+         "bias": torch.randn(2 * n)},
+        ("x", "values", "bias"),
+    )
+
+
+def test_empty_batch():
+    w = random_bsr(13, 7, (8, 4), 0.5)
+    values = w.values.clone().requires_grad_()
+    x = torch.randn(0, 7, requires_grad=True)
+    bias = torch.randn(13, requires_grad=True)
+    y = bsr_linear(x, w.with_values(values), bias, "relu")
+    assert y.shape == (0, 13)
+    y.sum().backward()
+    assert x.grad.shape == (0, 7)
+    assert torch.equal(values.grad, torch.zeros_like(values))
+    assert torch.equal(bias.grad, torch.zeros(13))
+    assert bsr_linear(torch.randn(2, 0, 7), w).shape == (2, 0, 13)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("density", [0.5, 1.0])
+def test_nan_propagates(density, activation):
+    n, k, b = 40, 30, 4
+    w = random_bsr(n, k, (8, 4), density)
+    x = torch.randn(b, k)
+    bias = torch.randn(n)
+    nan_row, nan_col = 1, 13
+    x[nan_row, nan_col] = float("nan")
+    y = bsr_linear(x, w, bias, activation)
+    # NaN reaches exactly the outputs whose stored blocks read x[:, nan_col] (and ReLU keeps it).
+    expected_nan = torch.zeros(b, n, dtype=torch.bool)
+    touches = w.block_mask()[:, nan_col // 4].repeat_interleave(8)[:n]
+    expected_nan[nan_row] = touches
+    clean = x.clone()
+    clean[nan_row, nan_col] = 0
+    ref = apply_activation(F.linear(clean.double(), w.to_dense().double(), bias.double()),
+                           activation)
+    base = apply_activation(F.linear(clean, w.to_dense(), bias), activation)
+    ref[expected_nan] = float("nan")
+    base[expected_nan] = float("nan")
+    assert bool(touches.any())
+    assert_f32_close(y, ref, base, name="output with NaN input")
+
+
+# --------------------------------------------------------------------------- errors
+def test_bad_arguments_raise_naming_the_argument():
+    w = random_bsr(13, 7, (8, 4), 0.5)
+    x = torch.randn(3, 7)
+    with pytest.raises(ValueError, match="x must have at least 1 dimension"):
+        bsr_linear(torch.tensor(1.0), w)
+    with pytest.raises(ValueError, match=r"x.shape\[-1\] = 8"):
+        bsr_linear(torch.randn(3, 8), w)
+    with pytest.raises(ValueError, match=r"weight\.values has dtype torch\.float32 but x"):
+        bsr_linear(x.double(), w)
+    with pytest.raises(ValueError, match=r"bias must be \[13\]"):
+        bsr_linear(x, w, torch.randn(12))
+    with pytest.raises(ValueError, match=r"bias must be \[13\]"):
+        bsr_linear(x, w, torch.randn(1, 13))
+    with pytest.raises(ValueError, match="bias has dtype"):
+        bsr_linear(x, w, torch.randn(13, dtype=torch.float64))
+    with pytest.raises(ValueError, match="activation"):
+        bsr_linear(x, w, activation="gelu")
+    with pytest.raises(TypeError, match="weight must be a BlockSparseWeight"):
+        bsr_linear(x, w.to_dense())
+    with pytest.raises(TypeError, match="x must be a Tensor"):
+        bsr_linear([[1.0] * 7], w)
+
+
+def test_float64_rejected_by_the_cpu_kernel():
+    w = random_bsr(13, 7, (8, 4), 0.5).to(torch.float64)
+    with pytest.raises(ValueError, match="float32"):
+        bsr_linear(torch.randn(3, 7, dtype=torch.float64), w)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mismatch needs a CUDA device")
+def test_device_mismatch_raises():
+    w = random_bsr(13, 7, (8, 4), 0.5)
+    with pytest.raises(ValueError, match=r"weight\.values is on"):
+        bsr_linear(torch.randn(3, 7, device="cuda"), w)
+
+
+def _op_args(w: BlockSparseWeight, x: torch.Tensor, **override):
+    args = {"x": x, "values": w.values, "row_offsets": w.row_offsets,
+            "col_indices": w.col_indices, "t_row_offsets": w.t_row_offsets,
+            "t_col_indices": w.t_col_indices, "t_block_ids": w.t_block_ids, "bias": None,
+            "out_features": w.shape[0], "activation": 0}
+    args.update(override)
+    return args
+
+
+def _with(t: torch.Tensor, index: int, value: int) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def test_kernel_rejects_corrupt_index_passed_directly():
+    """The C++ kernels re-check the index: corrupt metadata raises, never reads out of bounds."""
+    w = random_bsr(13, 11, (5, 4), 1.0)  # 3 x 3 grid, every block stored
+    x = torch.randn(2, 11)
+    ro, ci = w.row_offsets, w.col_indices
+    for name, value, pattern in [
+        ("col_indices", _with(ci, 4, 3), r"col_indices\[4\] = 3 is out of range"),
+        ("col_indices", _with(ci, 0, -1), "col_indices"),
+        ("row_offsets", torch.tensor([0, 5, 4, 9]), "row_offsets must be non-decreasing"),
+        ("row_offsets", torch.tensor([1, 3, 6, 9]), r"row_offsets\[0\] must be 0"),
+        ("row_offsets", torch.tensor([0, 3, 6, 8]), r"row_offsets\[-1\]"),
+        ("row_offsets", torch.tensor([0, 3, 9]), "row_offsets must have 4 entries"),
+        ("col_indices", ci.int(), "col_indices must be int64"),
+        ("values", w.values[:-1], "values has 8 blocks"),
+        ("values", w.values.flatten(1), "values must be"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            OPS.bsr_linear(**_op_args(w, x, **{name: value}))
+    g = torch.randn(2, 13)
+    t_args = (w.t_row_offsets, w.t_col_indices, w.t_block_ids)
+    for i, value, pattern in [(1, _with(w.t_col_indices, 0, 3), "t_col_indices"),
+                              (2, _with(w.t_block_ids, 0, 9), "t_block_ids"),
+                              (2, _with(w.t_block_ids, 0, -1), "t_block_ids"),
+                              (0, torch.tensor([0, 3, 2, 9]), "t_row_offsets")]:
+        args = list(t_args)
+        args[i] = value
+        with pytest.raises(ValueError, match=pattern):
+            OPS.bsr_linear_backward_input(g, w.values, *args, 11)
+    with pytest.raises(ValueError, match="col_indices"):
+        OPS.bsr_linear_backward_weight(g, x, ro, _with(ci, 8, 3), 5, 4)
+    with pytest.raises(ValueError, match="row_offsets"):
+        OPS.bsr_linear_backward_weight(g, x, torch.tensor([0, 5, 4, 9]), ci, 5, 4)
+
+
+def test_corrupted_weight_never_reaches_a_kernel_loop():
+    """A weight mutated in place after validation is still stopped (by the kernel's checks)."""
+    w = random_bsr(13, 11, (5, 4), 1.0)
+    w.col_indices[2] = 40
+    with pytest.raises(ValueError, match="col_indices"):
+        bsr_linear(torch.randn(2, 11), w)
+    with pytest.raises(ValueError, match="col_indices"):
+        w.validate()
+
+
+def test_backward_weight_rejects_mismatched_batch():
+    w = random_bsr(13, 11, (5, 4), 1.0)
+    with pytest.raises((ValueError, RuntimeError)):
+        OPS.bsr_linear_backward_weight(torch.randn(3, 13), torch.randn(2, 11), w.row_offsets,
+                                       w.col_indices, 5, 4)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "kernel bug (csrc/checks.h, csrc/bsr_linear.cpp): index tensors are read through "
+    "data_ptr<int64_t>() without a contiguity check, so a strided index gives wrong results and "
+    "an expanded one reads outside its storage"))
+@pytest.mark.parametrize("kind", ["strided", "expanded"])
+def test_kernel_handles_non_contiguous_index(kind):
+    if kind == "strided":
+        w = random_bsr(40, 30, (8, 4), 0.5)
+        ci = torch.stack([w.col_indices, w.col_indices.flip(0)], 1)[:, 0]
+    else:  # one block column, all stored: col_indices is all zeros, so a stride-0 view equals it
+        w = random_bsr(40, 4, (8, 4), 1.0)
+        ci = torch.zeros(1, dtype=torch.int64).expand(w.nnzb)
+    x = torch.randn(3, w.shape[1])
+    expected = OPS.bsr_linear(**_op_args(w, x))
+    assert not ci.is_contiguous() and torch.equal(ci, w.col_indices)
+    try:
+        got = OPS.bsr_linear(**_op_args(w, x, col_indices=ci))
+    except ValueError as err:
+        # Rejecting it is fine, but only as such: any other error means garbage was read.
+        assert "contiguous" in str(err), str(err)
+        return
+    assert torch.equal(got, expected)
+
+
+# --------------------------------------------------------------------------- opcheck
+def _opcheck_samples():
+    samples = []
+    for n, k, b, block, density, has_bias, act in [
+        (13, 7, 3, (8, 4), 0.5, True, 1), (13, 7, 3, (1, 16), 1.0, False, 0),
+        (40, 37, 5, (16, 16), 0.5, True, 0), (64, 48, 1, (32, 32), 0.0, False, 1),
+        (20, 11, 4, (3, 5), 0.5, False, 1),
+    ]:
+        w = random_bsr(n, k, block, density)
+        bias = torch.randn(n) if has_bias else None
+        samples.append((w, torch.randn(b, k), bias, act))
+    return samples
+
+
+def test_opcheck_bsr_linear():
+    for w, x, bias, act in _opcheck_samples():
+        for grad in (False, True):
+            args = _op_args(w, x.clone().requires_grad_(grad),
+                            values=w.values.clone().requires_grad_(grad),
+                            bias=None if bias is None else bias.clone().requires_grad_(grad),
+                            activation=act)
+            torch.library.opcheck(OPS.bsr_linear.default, tuple(args.values()))
+
+
+def test_opcheck_bsr_linear_backward_ops():
+    for w, x, _, _ in _opcheck_samples():
+        g = torch.randn(x.shape[0], w.shape[0])
+        torch.library.opcheck(
+            OPS.bsr_linear_backward_input.default,
+            (g, w.values, w.t_row_offsets, w.t_col_indices, w.t_block_ids, w.shape[1]),
+        )
+        torch.library.opcheck(
+            OPS.bsr_linear_backward_weight.default,
+            (g, x, w.row_offsets, w.col_indices, *w.block_size),
+        )
+
+
+def test_weight_built_from_strided_index_views():
+    w = random_bsr(40, 30, (8, 4), 0.5)
+    ci = torch.stack([w.col_indices, w.col_indices.flip(0)], 1)[:, 0]
+    ro = torch.stack([w.row_offsets, w.row_offsets], 1)[:, 1]
+    w2 = BlockSparseWeight(w.values, ro, ci, w.shape)
+    x = torch.randn(3, 30)
+    assert torch.equal(bsr_linear(x, w2), bsr_linear(x, w))
