@@ -8,9 +8,16 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # The interpreter runs every autotuning candidate in Python; one config keeps CPU tests fast.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# The interpreter's tl.dot mis-handles bfloat16 operands (it returned values off by 1e10 with
+# triton 3.9), so under the interpreter operands are widened to fp32 first. Products of two
+# 16-bit floats are exact in fp32, so this is the same arithmetic as the GPU's fp32-accumulating
+# tensor-core dot, up to summation order.
+_WIDEN_DOT = tl.constexpr(INTERPRET)
 
 # How many times each public kernel ran in this process. Tests read it to prove that the public
 # ops were routed through Triton (ADSPARSE_BACKEND=triton); it costs one dict update per call.
@@ -75,3 +82,12 @@ def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.C
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU, not the current one (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation (``tl.dot``; see ``_WIDEN_DOT``)."""
+    if _WIDEN_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)

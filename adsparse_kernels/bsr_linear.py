@@ -35,6 +35,7 @@ from adsparse_kernels._common import (
     configs,
     device_guard,
     dot_precision,
+    mma,
     next_pow2,
 )
 
@@ -94,7 +95,7 @@ def _bsr_linear_fwd_kernel(
         w = tl.load(values_ptr + j * (bn * bk) + rn[:, None] * bk + rk[None, :], mask=w_ok,
                     other=0.0)
         if USE_DOT:
-            acc = tl.dot(xt, tl.trans(w), acc, input_precision=PRECISION)
+            acc = mma(xt, tl.trans(w), acc, PRECISION)
         else:
             prod = xt.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
             acc += tl.sum(prod, axis=2)
@@ -140,7 +141,7 @@ def _bsr_linear_bwd_input_kernel(
         w = tl.load(values_ptr + blk * (bn * bk) + rn[:, None] * bk + rk[None, :],
                     mask=w_ok, other=0.0)
         if USE_DOT:
-            acc = tl.dot(g, w, acc, input_precision=PRECISION)
+            acc = mma(g, w, acc, PRECISION)
         else:
             acc += tl.sum(g.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
     k_idx = c * bk + rk
@@ -201,7 +202,7 @@ def _bsr_linear_bwd_weight_kernel(
         xt = tl.load(x_ptr + rb[:, None] * stride_x + cols[None, :],
                      mask=b_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
-            acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
+            acc = mma(tl.trans(g), xt, acc, PRECISION)
         else:
             acc += tl.sum(g.to(tl.float32)[:, :, None] * xt.to(tl.float32)[:, None, :], axis=0)
     # Padding rows/columns of the block come out zero (their operands were masked to zero).

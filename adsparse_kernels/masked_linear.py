@@ -30,6 +30,7 @@ from adsparse_kernels._common import (
     configs,
     device_guard,
     dot_precision,
+    mma,
 )
 
 __all__ = ["masked_linear", "masked_linear_backward_input", "masked_linear_backward_params"]
@@ -94,7 +95,7 @@ def _masked_linear_fwd_kernel(
             wm = (w.to(tl.float32) * m).to(x_ptr.dtype.element_ty)
             xt = tl.load(x_ptr + rm[:, None] * stride_x + rk[None, :],
                          mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(xt, tl.trans(wm), acc, input_precision=PRECISION)
+            acc = mma(xt, tl.trans(wm), acc, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
@@ -132,7 +133,7 @@ def _masked_linear_bwd_input_kernel(
             wm = (w.to(tl.float32) * m).to(grad_ptr.dtype.element_ty)
             g = tl.load(grad_ptr + rm[:, None] * stride_g + rn[None, :],
                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            acc = tl.dot(g, wm, acc, input_precision=PRECISION)
+            acc = mma(g, wm, acc, PRECISION)
     tl.store(dx_ptr + rm[:, None] * stride_dx + rk[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])
 
@@ -194,7 +195,7 @@ def _masked_linear_bwd_params_kernel(
                     mask=b_ok[:, None] & n_ok[None, :], other=0.0)
         xt = tl.load(x_ptr + rb[:, None] * stride_x + rk[None, :],
                      mask=b_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = tl.dot(tl.trans(g), xt, acc, input_precision=PRECISION)
+        acc = mma(tl.trans(g), xt, acc, PRECISION)
     elem = rn[:, None] * K + rk[None, :]
     if NEED_WEIGHT:
         tl.store(dw_ptr + elem, (acc * m).to(dw_ptr.dtype.element_ty), mask=nk_ok)

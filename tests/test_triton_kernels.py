@@ -1,0 +1,380 @@
+"""The Triton kernels on CPU tensors through the Triton interpreter, against float64 references.
+
+``TRITON_INTERPRET`` must be set before triton is imported and must not leak into the rest of the
+test session, so every interpreter check runs in one subprocess: this file run as a script with
+``TRITON_INTERPRET=1`` and ``ADSPARSE_BACKEND=triton``. That routes the public ops
+(``adsparse.ops.bsr_linear`` / ``masked_linear``, autograd included) through ``adsparse_kernels``,
+so most checks go through the whole stack; ``adsparse_kernels.CALLS`` proves the routing. The
+script prints ``PASS name`` or ``FAIL name: why`` per check; the pytest tests assert on them.
+
+Bounds (the flash-attention rule): a result's max error against float64 is at most 4x the error
+of PyTorch's own computation of the reference in the same dtype, with a floor of two ulps of the
+largest reference value. Shapes are small and odd (the interpreter runs each program in Python).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import traceback
+import zlib
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CHECKS: dict[str, Callable[[], None]] = {}
+
+
+def check(fn: Callable[[], None]) -> Callable[[], None]:
+    CHECKS[fn.__name__.removeprefix("check_")] = fn
+    return fn
+
+
+# --------------------------------------------------------------------------- helpers
+def _close(actual: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor, name: str,
+           factor: float = 4.0) -> None:
+    """``actual`` is within ``factor`` x torch's same-dtype error (``base``) of ``ref64``."""
+    assert actual.shape == ref64.shape, (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}")
+    assert actual.dtype == base.dtype, f"{name}: dtype {actual.dtype}, expected {base.dtype}"
+    if ref64.numel() == 0:
+        return
+    err = float((actual.double() - ref64).abs().max())
+    base_err = float((base.double() - ref64).abs().max())
+    floor = 2 * torch.finfo(actual.dtype).eps * float(ref64.abs().max())
+    bound = max(factor * base_err, floor)
+    assert err <= bound, (f"{name}: max error {err:.3e} > bound {bound:.3e} "
+                          f"(torch {actual.dtype} error {base_err:.3e})")
+
+
+def _run(fn, inputs: dict, wrt: tuple[str, ...], grad_out: torch.Tensor, dtype: torch.dtype):
+    """``fn(**inputs)`` on fresh leaves cast to ``dtype``; output and grads of ``wrt``."""
+    leaves = {}
+    for key, t in inputs.items():
+        if t is None or not t.is_floating_point():
+            leaves[key] = t
+        else:
+            leaves[key] = t.detach().to(dtype).requires_grad_(key in wrt)
+    out = fn(**leaves)
+    out.backward(grad_out.to(dtype))
+    return out.detach(), {key: leaves[key].grad for key in wrt}
+
+
+def _compare(op_fn, ref_fn, inputs: dict, wrt: tuple[str, ...], dtype=torch.float32) -> None:
+    """Op in ``dtype`` vs reference in float64, bounded by the reference run in ``dtype``."""
+    wrt = tuple(k for k in wrt if inputs.get(k) is not None)
+    out64 = ref_fn(**{k: (v.double() if v is not None and v.is_floating_point() else v)
+                      for k, v in inputs.items()})
+    grad_out = torch.randn(out64.shape, dtype=torch.float64)
+    out, grads = _run(op_fn, inputs, wrt, grad_out, dtype)
+    ref, ref_grads = _run(ref_fn, inputs, wrt, grad_out, torch.float64)
+    base, base_grads = _run(ref_fn, inputs, wrt, grad_out, dtype)
+    _close(out, ref, base, "output")
+    for key in wrt:
+        _close(grads[key], ref_grads[key], base_grads[key], f"grad of {key}")
+
+
+def _pattern(rows: int, cols: int) -> torch.Tensor:
+    """Random block pattern with an empty block row and an empty block column."""
+    mask = torch.rand(rows, cols) < 0.6
+    if rows > 1 and cols > 1:
+        mask[rows // 2] = False
+        mask[:, cols // 2] = False
+        mask[0, 0] = True
+    return mask
+
+
+def _bsr_weight(n: int, k: int, block: tuple[int, int]):
+    from adsparse.layout import BlockSparseWeight
+
+    bn, bk = block
+    dense = torch.randn(n, k) / math.sqrt(k)
+    return BlockSparseWeight.from_dense(dense, block, mask=_pattern(-(-n // bn), -(-k // bk)))
+
+
+def _expand(mask: torch.Tensor, block: tuple[int, int], n: int, k: int) -> torch.Tensor:
+    bn, bk = block
+    return mask.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+
+
+def _act(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return torch.relu(y) if activation == "relu" else y
+
+
+# --------------------------------------------------------------------------- bsr_linear
+def _bsr_case(n: int, k: int, b: int, block: tuple[int, int], bias: bool, activation: str | None,
+              dtype: torch.dtype = torch.float32) -> None:
+    from adsparse.ops import bsr_linear
+
+    w = _bsr_weight(n, k, block)
+
+    def op(x, values, bias):
+        return bsr_linear(x, w.with_values(values), bias, activation)
+
+    def ref(x, values, bias):
+        return _act(F.linear(x, w.with_values(values).to_dense(), bias), activation)
+
+    inputs = {"x": torch.randn(b, k), "values": w.values, "bias": torch.randn(n) if bias else None}
+    _compare(op, ref, inputs, ("x", "values", "bias"), dtype)
+
+
+@check
+def check_bsr_16x16():
+    _bsr_case(37, 45, 5, (16, 16), True, "relu")
+
+
+@check
+def check_bsr_16x32_no_bias():
+    _bsr_case(37, 45, 5, (16, 32), False, None)
+
+
+@check
+def check_bsr_32x16():
+    _bsr_case(37, 45, 5, (32, 16), True, None)
+
+
+@check
+def check_bsr_24x20_not_pow2():
+    _bsr_case(37, 45, 5, (24, 20), False, "relu")
+
+
+@check
+def check_bsr_8x4_small_block():
+    _bsr_case(37, 45, 5, (8, 4), True, "relu")
+
+
+@check
+def check_bsr_1x16_small_block():
+    _bsr_case(37, 45, 5, (1, 16), True, None)
+
+
+@check
+def check_bsr_1x1_element():
+    _bsr_case(13, 7, 5, (1, 1), True, "relu")
+
+
+@check
+def check_bsr_fp16():
+    _bsr_case(37, 45, 5, (16, 32), True, "relu", torch.float16)
+
+
+@check
+def check_bsr_bf16():
+    _bsr_case(37, 45, 5, (16, 16), True, None, torch.bfloat16)
+
+
+@check
+def check_bsr_empty_and_corrupt_index():
+    import adsparse_kernels as ak
+
+    n, k, b = 37, 45, 5
+    w = _bsr_weight(n, k, (16, 16))
+    x, bias = torch.randn(b, k), torch.randn(n)
+    # No stored block at all: the output is the bias, the weight gradient is empty.
+    empty = torch.zeros(w.grid[0] + 1, dtype=torch.int64)
+    none = torch.zeros(0, dtype=torch.int64)
+    y = ak.bsr_linear(x, w.values[:0], empty, none, torch.zeros(w.grid[1] + 1, dtype=torch.int64),
+                      none, none, bias, n, 0)
+    assert torch.equal(y, bias.expand(b, n)), "nnzb=0 must give the bias"
+    assert ak.bsr_linear_backward_weight(torch.randn(b, n), x, empty, none, 16, 16).shape == (
+        0, 16, 16)
+    assert ak.bsr_linear(x[:0], w.values, w.row_offsets, w.col_indices, w.t_row_offsets,
+                         w.t_col_indices, w.t_block_ids, bias, n, 1).shape == (0, n)
+    # A column index out of range (corrupt layout) drops that block; nothing is read outside x.
+    bad = w.col_indices.clone()
+    bad[0] = 1 << 40
+    y = ak.bsr_linear(x, w.values, w.row_offsets, bad, w.t_row_offsets, w.t_col_indices,
+                      w.t_block_ids, None, n, 0)
+    kept = w.values.clone()
+    kept[0] = 0
+    ref = (x.double() @ w.with_values(kept).to_dense().double().T)
+    _close(y, ref, (x @ w.with_values(kept).to_dense().T), "corrupt index output")
+
+
+# --------------------------------------------------------------------------- masked_linear
+def _masked_case(n: int, k: int, b: int, block: tuple[int, int] | None, soft: bool, bias: bool,
+                 activation: str | None, dtype: torch.dtype = torch.float32) -> None:
+    from adsparse.ops import masked_linear
+
+    grid = (n, k) if block is None else (-(-n // block[0]), -(-k // block[1]))
+    mask = torch.rand(grid) if soft else (torch.rand(grid) < 0.5).float()
+    if grid[0] > 1 and grid[1] > 1:  # all-zero tiles exercise the skipping path
+        mask[: grid[0] // 2 + 1] = 0
+    mask[-1, -1] = 1
+
+    def op(x, weight, mask, bias):
+        return masked_linear(x, weight, mask, bias, activation, block)
+
+    def ref(x, weight, mask, bias):
+        m = mask if block is None else _expand(mask, block, n, k)
+        return _act(F.linear(x, weight * m, bias), activation)
+
+    inputs = {"x": torch.randn(b, k), "weight": torch.randn(n, k) / math.sqrt(k), "mask": mask,
+              "bias": torch.randn(n) if bias else None}
+    _compare(op, ref, inputs, ("x", "weight", "mask", "bias"), dtype)
+
+
+@check
+def check_masked_element_soft():
+    _masked_case(13, 7, 5, None, True, True, "relu")
+
+
+@check
+def check_masked_element_01_larger():
+    _masked_case(37, 45, 5, None, False, False, None)
+
+
+@check
+def check_masked_block_16x16_01():
+    _masked_case(37, 45, 5, (16, 16), False, True, "relu")
+
+
+@check
+def check_masked_block_16x32_soft():
+    _masked_case(37, 45, 5, (16, 32), True, False, None)
+
+
+@check
+def check_masked_block_8x4_soft():
+    _masked_case(37, 45, 5, (8, 4), True, True, "relu")
+
+
+@check
+def check_masked_block_1x16_01():
+    _masked_case(37, 45, 5, (1, 16), False, True, None)
+
+
+@check
+def check_masked_block_24x20_scratch():
+    _masked_case(37, 45, 5, (24, 20), True, True, "relu")
+
+
+@check
+def check_masked_fp16():
+    _masked_case(37, 45, 5, (16, 16), True, True, "relu", torch.float16)
+
+
+@check
+def check_masked_bf16():
+    _masked_case(13, 7, 5, None, True, True, None, torch.bfloat16)
+
+
+@check
+def check_masked_params_flags():
+    """need_weight / need_mask alone: the other output is empty [0], the asked one is right."""
+    import adsparse_kernels as ak
+
+    n, k, b, block = 37, 45, 5, (16, 16)
+    grad, x, w = torch.randn(b, n), torch.randn(b, k), torch.randn(n, k)
+    mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.5]])
+    g64 = grad.double().T @ x.double()
+    dw, dm = ak.masked_linear_backward_params(grad, x, w, mask, *block, True, False)
+    assert dm.shape == (0,), f"dM not asked for, got shape {tuple(dm.shape)}"
+    _close(dw, g64 * _expand(mask.double(), block, n, k), (grad.T @ x) * _expand(mask, block, n, k),
+           "dW alone")
+    dw, dm = ak.masked_linear_backward_params(grad, x, w, mask, *block, False, True)
+    assert dw.shape == (0,), f"dW not asked for, got shape {tuple(dw.shape)}"
+    padded = torch.zeros(48, 48, dtype=torch.float64)
+    padded[:n, :k] = g64 * w.double()
+    ref = padded.view(3, 16, 3, 16).sum((1, 3))
+    base32 = torch.zeros(48, 48)
+    base32[:n, :k] = (grad.T @ x) * w
+    _close(dm, ref, base32.view(3, 16, 3, 16).sum((1, 3)), "dM alone (all-zero mask blocks too)")
+
+
+# --------------------------------------------------------------------------- the stack
+@check
+def check_stack_routes_through_triton():
+    """ADSPARSE_BACKEND=triton: the public ops and the modules run the Triton kernels."""
+    import adsparse_kernels as ak
+    from adsparse import BlockSparseLinear, SparseLinear, ops
+
+    assert ops.backend() == "triton", f"backend is {ops.backend()!r}"
+    before = dict(ak.CALLS)
+    layer = SparseLinear(45, 37, block_size=(16, 16))
+    x = torch.randn(5, 45, requires_grad=True)
+    layer(x).sum().backward()
+    serving = BlockSparseLinear.from_dense(layer)
+    serving(x).sum().backward()
+    assert x.grad is not None
+    for name in ("masked_linear", "masked_linear_backward_input", "masked_linear_backward_params",
+                 "bsr_linear", "bsr_linear_backward_input"):
+        assert ak.CALLS[name] > before.get(name, 0), f"{name} did not run through Triton"
+    ref = F.linear(x.detach().double(), layer.masked_weight().detach().double(),
+                   layer.bias.detach().double())
+    base = F.linear(x.detach(), layer.masked_weight().detach(), layer.bias.detach())
+    _close(serving(x).detach(), ref, base, "BlockSparseLinear output")
+
+
+def _main() -> int:
+    """Run every check (in this interpreter process) and print one line each."""
+    failed = 0
+    for name, fn in CHECKS.items():
+        torch.manual_seed(zlib.crc32(name.encode()))
+        try:
+            fn()
+            print(f"PASS {name}", flush=True)
+        except Exception as exc:  # report every failure, keep going
+            failed += 1
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            print(f"FAIL {name}: {detail.replace(chr(10), ' | ')}", flush=True)
+            traceback.print_exc()
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------- pytest side
+@pytest.fixture(scope="module")
+def interpreter_run() -> tuple[int, dict[str, str], str]:
+    env = dict(os.environ, TRITON_INTERPRET="1", ADSPARSE_BACKEND="triton")
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=900)
+    results = {}
+    for line in proc.stdout.splitlines():
+        status, _, rest = line.partition(" ")
+        if status in ("PASS", "FAIL"):
+            name, _, why = rest.partition(": ")
+            results[name] = why if status == "FAIL" else "PASS"
+    return proc.returncode, results, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_interpreter(interpreter_run, name: str) -> None:
+    _, results, log = interpreter_run
+    assert name in results, f"check {name} did not report; log tail:\n{log[-3000:]}"
+    assert results[name] == "PASS", results[name]
+
+
+def test_interpreter_process_ok(interpreter_run) -> None:
+    rc, results, log = interpreter_run
+    assert rc == 0 and len(results) == len(CHECKS), f"rc={rc}; log tail:\n{log[-3000:]}"
+
+
+def test_interpreter_does_not_leak() -> None:
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def test_argument_errors() -> None:
+    """Bad arguments raise ValueError naming the argument, before any launch (no interpreter)."""
+    import adsparse_kernels as ak
+
+    x, w, m = torch.randn(3, 7), torch.randn(5, 7), torch.ones(5, 7)
+    with pytest.raises(ValueError, match="mask"):
+        ak.masked_linear(x, w, torch.ones(5, 6), None, 1, 1, 0)
+    with pytest.raises(ValueError, match="weight"):
+        ak.masked_linear(x, w.double(), m, None, 1, 1, 0)
+    with pytest.raises(ValueError, match="activation"):
+        ak.masked_linear(x, w, m, None, 1, 1, 2)
+    idx = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(ValueError, match="row_offsets"):
+        ak.bsr_linear(x, torch.randn(1, 16, 16), idx[:1], idx[:1], idx, idx[:1], idx[:1], None,
+                      5, 0)
+    with pytest.raises(ValueError, match="values"):
+        ak.bsr_linear(x, torch.randn(1, 16), idx, idx[:1], idx, idx[:1], idx[:1], None, 5, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
