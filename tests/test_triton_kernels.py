@@ -357,6 +357,62 @@ def test_interpreter_does_not_leak() -> None:
     assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
 
 
+# One representative configuration per kernel and path, compiled to a cubin for an H100 (sm_90)
+# by the Triton wheel's own ptxas: catches what the interpreter cannot (typing of the loops and
+# branches, layouts, shared memory) on a machine without a GPU.
+_COMPILE_CASES = [
+    ("bsr_linear", "_bsr_linear_fwd_kernel", "bf16",
+     dict(bn=64, bk=64, BN=64, BK=64, HAS_BIAS=True, ACT=1, USE_DOT=True, BLOCK_M=128)),
+    ("bsr_linear", "_bsr_linear_fwd_kernel", "fp32",
+     dict(bn=8, bk=4, BN=8, BK=4, HAS_BIAS=False, ACT=0, USE_DOT=False, BLOCK_M=32)),
+    ("bsr_linear", "_bsr_linear_bwd_input_kernel", "fp16",
+     dict(bn=16, bk=32, BN=16, BK=32, USE_DOT=True, BLOCK_M=64)),
+    ("bsr_linear", "_bsr_linear_bwd_weight_kernel", "bf16",
+     dict(bn=24, bk=20, BN=32, BK=32, USE_DOT=True, BLOCK_B=64)),
+    ("masked_linear", "_masked_linear_fwd_kernel", "bf16",
+     dict(bn=1, bk=1, HAS_BIAS=True, ACT=1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
+    ("masked_linear", "_masked_linear_bwd_input_kernel", "fp32",
+     dict(bn=8, bk=4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
+    ("masked_linear", "_masked_linear_bwd_params_kernel", "bf16",
+     dict(bn=16, bk=32, NEED_WEIGHT=True, NEED_MASK=True, REDUCE=1, BLOCK_N=64, BLOCK_K=64,
+          BLOCK_B=32)),
+    ("masked_linear", "_masked_linear_bwd_params_kernel", "fp32",
+     dict(bn=1, bk=1, NEED_WEIGHT=True, NEED_MASK=False, REDUCE=0, BLOCK_N=64, BLOCK_K=64,
+          BLOCK_B=32)),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,kernel,dtype,consts", _COMPILE_CASES,
+                         ids=[f"{c[1]}-{c[2]}-{c[3]['bn']}x{c[3]['bk']}" for c in _COMPILE_CASES])
+def test_compiles_for_sm90(module: str, kernel: str, dtype: str, consts: dict) -> None:
+    import importlib
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(f"adsparse_kernels.{module}"), kernel).fn
+    consts = dict(consts, PRECISION="ieee")
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            index = any(word in name for word in ("offsets", "indices", "block_ids"))
+            signature[name] = "*i64" if index else f"*{dtype}"
+        else:
+            signature[name] = "i32"
+    try:
+        compiled = triton.compile(ASTSource(fn, signature, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": 4, "num_stages": 3})
+    except FileNotFoundError as exc:  # a Triton build without the NVIDIA toolchain
+        pytest.skip(f"no ptxas: {exc}")
+    assert compiled.asm.get("cubin"), "no cubin produced"
+    assert compiled.metadata.shared <= 228 * 1024, "needs more shared memory than an H100 has"
+
+
 def test_argument_errors() -> None:
     """Bad arguments raise ValueError naming the argument, before any launch (no interpreter)."""
     import adsparse_kernels as ak
