@@ -322,7 +322,7 @@ def _opcheck_samples():
     for n, k, b, block, density, has_bias, act in [
         (13, 7, 3, (8, 4), 0.5, True, 1), (13, 7, 3, (1, 16), 1.0, False, 0),
         (40, 37, 5, (16, 16), 0.5, True, 0), (64, 48, 1, (32, 32), 0.0, False, 1),
-        (20, 11, 4, (3, 5), 0.5, False, 1),
+        (20, 11, 4, (3, 5), 0.5, False, 1), (13, 7, 0, (8, 4), 0.5, True, 1),
     ]:
         w = random_bsr(n, k, block, density)
         bias = torch.randn(n) if has_bias else None

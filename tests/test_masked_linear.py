@@ -243,6 +243,7 @@ def _samples():
     for n, k, b, block, kind, has_bias, act in [
         (13, 7, 3, None, "binary", True, 1), (13, 7, 3, (8, 4), "soft", False, 0),
         (40, 37, 5, (16, 16), "zeros", True, 0), (20, 11, 1, (3, 5), "ones", False, 1),
+        (13, 7, 0, (8, 4), "soft", True, 1),
     ]:
         bn, bk = block or (1, 1)
         out.append((torch.randn(b, k), torch.randn(n, k), make_mask(n, k, block, kind),
@@ -261,7 +262,7 @@ def test_opcheck_masked_linear():
 
 def test_opcheck_masked_linear_backward_ops():
     # Every (need_weight, need_mask) combination, each on another sample (opcheck is slow here).
-    needs = [(True, True), (True, False), (False, True), (False, False)]
+    needs = [(True, True), (True, False), (False, True), (False, False), (True, True)]
     for (x, weight, mask, _, bn, bk, _), (need_weight, need_mask) in zip(_samples(), needs):
         g = torch.randn(x.shape[0], weight.shape[0])
         torch.library.opcheck(OPS.masked_linear_backward_input.default, (g, weight, mask, bn, bk))
