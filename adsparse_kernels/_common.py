@@ -12,6 +12,9 @@ import triton.language as tl
 
 # The interpreter runs every autotuning candidate in Python; one config keeps CPU tests fast.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# ADSPARSE_TRITON_AUTOTUNE=0 runs one fixed config per kernel and shape class: far fewer compiles
+# (the CUDA tests use it); the benchmark and normal use tune.
+AUTOTUNE = not INTERPRET and os.environ.get("ADSPARSE_TRITON_AUTOTUNE", "1") != "0"
 
 # The interpreter's tl.dot mis-handles bfloat16 operands (it returned values off by 1e10 with
 # triton 3.9), so under the interpreter operands are widened to fp32 first. Products of two
@@ -74,9 +77,19 @@ def check_index(t: torch.Tensor, name: str, like: torch.Tensor, numel: int | Non
         raise ValueError(f"{name} must have {numel} entries, got {t.numel()}")
 
 
-def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
-    """The GPU search space, or the single interpreter config under ``TRITON_INTERPRET=1``."""
-    return [interpret] if INTERPRET else gpu
+def configs(tuned: list[triton.Config], fixed: list[triton.Config],
+            interpret: list[triton.Config]) -> list[triton.Config]:
+    """The search space: ``tuned`` normally, ``fixed`` with autotuning off, ``interpret`` under
+    ``TRITON_INTERPRET=1`` (where every candidate would run in Python)."""
+    if INTERPRET:
+        return interpret
+    return tuned if AUTOTUNE else fixed
+
+
+def first_only(cfgs: list[triton.Config]) -> list[triton.Config]:
+    """End of a pruning function: without autotuning, the first surviving config runs (with one
+    survivor the autotuner launches it without benchmarking)."""
+    return cfgs if AUTOTUNE else cfgs[:1]
 
 
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:

@@ -35,6 +35,7 @@ from adsparse_kernels._common import (
     configs,
     device_guard,
     dot_precision,
+    first_only,
     mma,
     next_pow2,
 )
@@ -43,21 +44,19 @@ __all__ = ["bsr_linear", "bsr_linear_backward_input", "bsr_linear_backward_weigh
 
 
 def _row_configs() -> list[triton.Config]:
-    gpu = [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm in (32, 64, 128)
-        for w, s in ((4, 3), (4, 4), (8, 3))
-    ]
-    return configs(gpu, triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1))
+    def cfg(bm: int, warps: int = 4, stages: int = 3) -> triton.Config:
+        return triton.Config({"BLOCK_M": bm}, num_warps=warps, num_stages=stages)
+
+    # Output tiles are BLOCK_M x bn; the stored blocks of a row are few (density x K / bk), so
+    # the tile height and the pipelining depth are what matter.
+    tuned = [cfg(32, 4, 4), cfg(64, 4, 3), cfg(64, 8, 4), cfg(128, 4, 3), cfg(128, 8, 3)]
+    return configs(tuned, [cfg(64), cfg(32)], [cfg(16, 4, 1)])
 
 
 def _prune_row_configs(cfgs, named_args, **kwargs):
     """Small batches do not need tall tiles; tiny blocks (CUDA-core path) keep tiles short."""
-    b = named_args["B_BUCKET"]
-    small_block = not kwargs.get("USE_DOT", True)
-    limit = 32 if small_block else max(32, b)
-    kept = [c for c in cfgs if c.kwargs["BLOCK_M"] <= limit]
-    return kept or cfgs[:1]
+    limit = 32 if not kwargs.get("USE_DOT", True) else max(32, named_args["B_BUCKET"])
+    return first_only([c for c in cfgs if c.kwargs["BLOCK_M"] <= limit] or cfgs[-1:])
 
 
 _ROW_KEY = ["B_BUCKET", "N", "K", "bn", "bk", "HAS_BIAS", "ACT"]
@@ -151,19 +150,18 @@ def _bsr_linear_bwd_input_kernel(
 
 
 def _block_configs() -> list[triton.Config]:
-    gpu = [
-        triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=s)
-        for bb in (32, 64, 128)
-        for w, s in ((4, 3), (4, 4), (8, 3))
-    ]
-    return configs(gpu, triton.Config({"BLOCK_B": 16}, num_warps=4, num_stages=1))
+    def cfg(bb: int, warps: int = 4, stages: int = 3) -> triton.Config:
+        return triton.Config({"BLOCK_B": bb}, num_warps=warps, num_stages=stages)
+
+    tuned = [cfg(32, 4, 4), cfg(64, 4, 3), cfg(64, 8, 3), cfg(128, 8, 3)]
+    return configs(tuned, [cfg(64), cfg(32)], [cfg(16, 4, 1)])
 
 
 def _prune_block_configs(cfgs, named_args, **kwargs):
     """The CUDA-core path of tiny blocks holds a [BLOCK_B, BN, BK] product: keep it short."""
-    if kwargs.get("USE_DOT", True):
-        return cfgs
-    return [c for c in cfgs if c.kwargs["BLOCK_B"] <= 32] or cfgs[:1]
+    if not kwargs.get("USE_DOT", True):
+        cfgs = [c for c in cfgs if c.kwargs["BLOCK_B"] <= 32] or cfgs[-1:]
+    return first_only(cfgs)
 
 
 @triton.autotune(configs=_block_configs(), key=["B_BUCKET", "N", "K", "bn", "bk"],

@@ -24,12 +24,12 @@ import triton.language as tl
 
 from adsparse_kernels._common import (
     CALLS,
-    INTERPRET,
     bucket,
     check_float,
     configs,
     device_guard,
     dot_precision,
+    first_only,
     mma,
 )
 
@@ -40,21 +40,20 @@ _MAX_TILE = 128
 
 def _tile_configs(outer: str, inner: str) -> list[triton.Config]:
     """Configs over an output tile ``(BLOCK_M, outer)`` and a reduction step ``inner``."""
-    gpu = [
-        triton.Config({"BLOCK_M": bm, outer: bo, inner: bi}, num_warps=w, num_stages=s)
-        for bm, bo, bi, w, s in (
-            (32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 3),
-            (128, 64, 64, 4, 3), (128, 128, 32, 8, 3), (128, 128, 64, 8, 3),
-        )
-    ]
-    return configs(gpu, triton.Config({"BLOCK_M": 16, outer: 32, inner: 32}, num_warps=4,
-                                      num_stages=1))
+
+    def cfg(bm: int, bo: int, bi: int, warps: int = 4, stages: int = 3) -> triton.Config:
+        return triton.Config({"BLOCK_M": bm, outer: bo, inner: bi}, num_warps=warps,
+                             num_stages=stages)
+
+    tuned = [cfg(32, 64, 64, 4, 4), cfg(64, 64, 64), cfg(64, 128, 64),
+             cfg(128, 64, 64), cfg(128, 128, 64, 8)]
+    return configs(tuned, [cfg(64, 64, 64)], [cfg(16, 32, 32, 4, 1)])
 
 
 def _prune_tiles(cfgs, named_args, **kwargs):
     """Tall tiles only pay off for large batches."""
     limit = max(32, named_args["B_BUCKET"])
-    return [c for c in cfgs if c.kwargs["BLOCK_M"] <= limit] or cfgs[:1]
+    return first_only([c for c in cfgs if c.kwargs["BLOCK_M"] <= limit] or cfgs[:1])
 
 
 @triton.jit
@@ -139,17 +138,16 @@ def _masked_linear_bwd_input_kernel(
 
 
 def _param_configs() -> list[triton.Config]:
-    tiles = ((32, 32, 4), (64, 64, 4), (128, 64, 8), (64, 128, 8), (128, 128, 8))
-    gpu = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_B": bb}, num_warps=w, num_stages=s)
-        for bn, bk, w in tiles
-        for bb, s in ((32, 3), (64, 3))
-    ]
-    # Several configs even under the interpreter: the pruner picks the one tile that fits the
-    # mask block, and with one survivor the autotuner runs it without benchmarking.
-    interp = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_B": 16}, num_warps=4,
-                            num_stages=1) for bn, bk, _ in tiles]
-    return interp if INTERPRET else gpu
+    def cfg(bn: int, bk: int, bb: int, warps: int = 4, stages: int = 3) -> triton.Config:
+        return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_B": bb}, num_warps=warps,
+                             num_stages=stages)
+
+    tuned = [cfg(32, 32, 32), cfg(64, 64, 32), cfg(64, 64, 64), cfg(128, 64, 32, 8),
+             cfg(64, 128, 32, 8), cfg(128, 128, 32, 8)]
+    # Without tuning, the pruner keeps the first tile (smallest first) that holds a mask block.
+    fixed = [cfg(64, 64, 32), cfg(128, 64, 32, 8), cfg(64, 128, 32, 8), cfg(128, 128, 32, 8)]
+    interpret = [cfg(bn, bk, 16, 4, 1) for bn, bk in ((32, 32), (64, 64), (128, 128))]
+    return configs(tuned, fixed, interpret)
 
 
 def _prune_param_configs(cfgs, named_args, **kwargs):
@@ -157,9 +155,7 @@ def _prune_param_configs(cfgs, named_args, **kwargs):
     if kwargs.get("REDUCE") == 1:
         bn, bk = kwargs["bn"], kwargs["bk"]
         cfgs = [c for c in cfgs if c.kwargs["BLOCK_N"] >= bn and c.kwargs["BLOCK_K"] >= bk]
-    if INTERPRET:
-        cfgs = sorted(cfgs, key=lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])[:1]
-    return cfgs
+    return first_only(cfgs)
 
 
 @triton.autotune(configs=_param_configs(),
