@@ -1,0 +1,210 @@
+"""The ``adsparse`` console script.
+
+    adsparse run [options]              the online experiment (default: all four strategies
+                                        at density 0.1, block 16x16, kaggle DLRM, synthetic)
+    adsparse bench kernels|serving|quality [benchmark options]
+
+Bad options print one line (``adsparse: error: ...``) and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+BENCHMARKS = ("kernels", "serving", "quality")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise UsageError(message)
+
+
+def _block_size(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid block size {text!r} (use 16 or 16x16)") from None
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"invalid block size {text!r} (use 16 or 16x16)")
+    return sizes  # type: ignore[return-value]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _parser() -> _Parser:
+    from adsparse.online import Experiment, OnlineConfig
+
+    cfg, exp = OnlineConfig(), Experiment()
+    parser = _Parser(prog="adsparse", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run the online paradigms over a stream")
+    run.add_argument("--data", choices=("synthetic", "criteo"), default="synthetic")
+    run.add_argument("--paths", nargs="+", default=[], help="Criteo TSV files (one per period)")
+    run.add_argument("--rows-per-period", type=_positive_int, default=None,
+                     help="Criteo: fixed rows per period instead of one file per period")
+    run.add_argument("--strategies", default=",".join(cfg.strategies),
+                     help="comma-separated: dense, prune_once, d2s[:r=R], ad2s "
+                          "(each may add :density=D)")
+    run.add_argument("--density", type=_density, default=cfg.density)
+    run.add_argument("--block-size", type=_block_size, default=cfg.block_size,
+                     help="16 or 16x16 (rows x columns)")
+    run.add_argument("--preset", choices=("kaggle", "wide"), default=exp.preset)
+    run.add_argument("--pruner", choices=("learned", "uniform", "global", "lamp", "gmp"),
+                     default=cfg.pruner, help="pruner of prune_once and d2s (ad2s: learned)")
+    run.add_argument("--r", type=_positive_int, default=cfg.r, help="d2s interval (periods)")
+    run.add_argument("--periods", type=_positive_int, default=exp.periods)
+    run.add_argument("--samples-per-period", type=_positive_int, default=exp.samples_per_period)
+    run.add_argument("--batch-size", type=_positive_int, default=exp.batch_size)
+    run.add_argument("--max-table-rows", type=_positive_int, default=exp.max_table_rows,
+                     help="synthetic: cap on the rows of each embedding table")
+    run.add_argument("--prune-steps", type=_positive_int, default=cfg.prune_steps,
+                     help="optimisation steps of each pruning transition")
+    run.add_argument("--seed", type=int, default=cfg.seed)
+    run.add_argument("--checkpoint-dir", default=None,
+                     help="save at every period end; rerun the same command to resume")
+    run.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes")
+    run.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    run.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/")
+    bench.add_argument("which", choices=BENCHMARKS)
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    return parser
+
+
+def _check_device(device: str, nproc: int) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"argument --device: invalid device {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("argument --device: CUDA is not available on this machine")
+        if nproc > torch.cuda.device_count():
+            raise UsageError(f"argument --nproc: {nproc} processes but "
+                             f"{torch.cuda.device_count()} GPUs")
+    elif dev.type != "cpu":
+        raise UsageError(f"argument --device: expected cpu or cuda, got {device!r}")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from adsparse.online import (
+        Experiment,
+        OnlineConfig,
+        format_table,
+        run_experiment,
+        write_report,
+    )
+
+    if args.data == "criteo":
+        if not args.paths:
+            raise UsageError("--data criteo needs --paths FILE [FILE ...]")
+        missing = [p for p in args.paths if not Path(p).is_file()]
+        if missing:
+            raise UsageError(f"argument --paths: no such file: {missing[0]}")
+    elif args.paths:
+        raise UsageError("--paths is only for --data criteo")
+    _check_device(args.device, args.nproc)
+    cfg = OnlineConfig(density=args.density, block_size=args.block_size, pruner=args.pruner,
+                       r=args.r, seed=args.seed, device=args.device,
+                       prune_steps=args.prune_steps,
+                       strategies=[s for s in args.strategies.split(",") if s.strip()])
+    if not cfg.strategies:
+        raise UsageError("argument --strategies: empty list")
+    if cfg.warmup_periods >= args.periods:
+        raise UsageError(f"argument --periods: need more than the {cfg.warmup_periods} "
+                         "warm-up period(s)")
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise UsageError(f"argument --strategies: {err}") from None
+    exp = Experiment(cfg=cfg, data=args.data, paths=list(args.paths),
+                     rows_per_period=args.rows_per_period, preset=args.preset,
+                     periods=args.periods, samples_per_period=args.samples_per_period,
+                     batch_size=args.batch_size, max_table_rows=args.max_table_rows,
+                     checkpoint_dir=args.checkpoint_dir,
+                     nproc=args.nproc, progress=not args.no_progress)
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    start = time.perf_counter()
+    results = run_experiment(exp)
+    write_report(results, out)
+    print(format_table(results))
+    print(f"\nwall time {time.perf_counter() - start:.1f} s; wrote results.json, periods.csv, "
+          f"ne_over_time.png, layer_density.png to {out}")
+    return 0
+
+
+def _load_benchmark(which: str):
+    path = _REPO / "benchmarks" / f"bench_{which}.py"
+    if not path.is_file():
+        raise UsageError(f"benchmark {which!r} not found at {path}")
+    # Loaded by path so `adsparse bench` runs the very file in benchmarks/, not a copy.
+    spec = importlib.util.spec_from_file_location(f"adsparse_bench_{which}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # multiprocessing (spawn) must find it again by name
+    spec.loader.exec_module(module)
+    if not hasattr(module, "main"):
+        raise UsageError(f"{path} has no main(argv)")
+    return module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``adsparse`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "bench":
+            module = _load_benchmark(args.which)
+            status = module.main(list(args.args))
+            return int(status or 0)
+        return _run(args)
+    except UsageError as err:
+        print(f"adsparse: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adsparse: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # Errors the data or the settings raise (a corrupt file, a stale checkpoint): one line.
+        print(f"adsparse: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The pieces a run is built from: the model, the pruner and the metrics.
+
+The trainer only sees these three factories, so tests can swap in small stand-ins; the defaults
+are the project's DLRM, ``adsparse.pruning.Pruner`` and ``adsparse.metrics.StreamingMetrics``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adsparse.data.base import Batch
+
+__all__ = ["Components", "MetricsLike", "PrunerLike", "default_components", "loss_fn"]
+
+
+class PrunerLike(Protocol):
+    def prune(self, batches: Sequence[Batch], loss_fn: Callable[[nn.Module, Batch], torch.Tensor],
+              steps: int = ...) -> dict[str, torch.Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class MetricsLike(Protocol):
+    def update(self, labels: torch.Tensor, preds: torch.Tensor) -> None: ...
+
+    def compute(self) -> dict[str, float]: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass
+class Components:
+    """``make_model()`` must be deterministic (seed it inside): every strategy starts from it."""
+
+    make_model: Callable[[], nn.Module]
+    make_pruner: Callable[[nn.Module, float, str, tuple[int, int]], PrunerLike]
+    make_metrics: Callable[[], MetricsLike]
+
+
+def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean binary cross-entropy of the model's logits: the task loss of every transition."""
+    return F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+
+
+def default_components(num_dense: int, embedding_sizes: list[int], preset: str = "kaggle",
+                       seed: int = 0, model: dict[str, Any] | None = None) -> Components:
+    """DLRM ``preset`` (or ``DLRM(**model)``) for the stream's features, the project pruner
+    and metrics."""
+    from adsparse.metrics import StreamingMetrics
+    from adsparse.models import DLRM, dlrm_preset
+    from adsparse.pruning import Pruner
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(seed)
+        if model is not None:
+            return DLRM(num_dense, embedding_sizes, **model)
+        return dlrm_preset(preset, num_dense, embedding_sizes)
+
+    def make_pruner(model: nn.Module, density: float, method: str,
+                    block_size: tuple[int, int]) -> Any:
+        bn, bk = block_size
+
+        # Layers thinner than one block (dlrm's 13-wide input layer, the 1-wide head) hold a
+        # few thousand weights between them; they stay dense rather than fail the pruner.
+        def fits(module: nn.Module, fqn: str) -> bool:
+            return module.out_features >= bn and module.in_features >= bk
+
+        return Pruner(model, density, method=method, granularity="block",
+                      block_size=(bn, bk), filter_fn=fits)
+
+    return Components(make_model, make_pruner, StreamingMetrics)

@@ -1,0 +1,103 @@
+"""The knobs of an online run, and the strategy specs parsed from ``--strategies``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["KINDS", "OnlineConfig", "StrategySpec", "parse_strategies"]
+
+KINDS = ("dense", "prune_once", "d2s", "ad2s")
+
+
+@dataclass
+class OnlineConfig:
+    """Everything that decides the numbers of a run (checkpoints refuse a different one).
+
+    The ad2s defaults were tuned on the default synthetic stream (see benchmarks/RESULTS.md);
+    intervals count *windows* of ``window_batches`` mini-batches so they mean the same thing
+    whatever the period length.
+    """
+
+    density: float = 0.1
+    block_size: tuple[int, int] = (16, 16)
+    pruner: str = "learned"  # the pruner of prune_once and d2s; ad2s always uses "learned"
+    prune_steps: int = 60  # optimisation steps of one pruning transition
+    buffer_batches: int = 24  # recent mini-batches kept for the transition
+    lr: float = 1e-3
+    warmup_periods: int = 1
+    r: int = 1  # d2s regeneration interval, in periods
+    window_batches: int = 25  # ad2s: NE gap and mask drift are measured per window
+    ne_tolerance: float = 0.003  # ad2s: regenerate when (NE_sparse - NE_dense)/NE_dense exceeds
+    drift_bound: float = 0.25  # ad2s: ... or when this share of the serving mask would change
+    min_interval: int = 2  # ad2s: windows between regenerations, at least ...
+    max_interval: int = 40  # ... and at most
+    device: str = "cpu"
+    seed: int = 0
+    strategies: list[str] = field(default_factory=lambda: list(KINDS))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_size"] = list(self.block_size)
+        return d
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad knob."""
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if len(self.block_size) != 2 or min(self.block_size) < 1:
+            raise ValueError(f"block size must be two positive ints, got {self.block_size}")
+        for name in ("prune_steps", "buffer_batches", "r", "window_batches", "min_interval",
+                     "max_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_periods < 1:
+            raise ValueError(f"warmup_periods must be >= 1, got {self.warmup_periods}")
+        if self.max_interval < self.min_interval:
+            raise ValueError("max_interval must be >= min_interval")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        parse_strategies(self.strategies, self)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One strategy of a run: its kind and the density / interval it uses."""
+
+    name: str
+    kind: str
+    density: float
+    r: int
+
+
+def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
+    """Parse ``kind[:r=R][:density=D]`` items (``d2s:r=2``, ``ad2s:density=0.05``).
+
+    Plain kinds take ``cfg.density`` and ``cfg.r``; the item text is the strategy's name.
+    """
+    specs: list[StrategySpec] = []
+    for item in items:
+        kind, *opts = item.strip().split(":")
+        if kind not in KINDS:
+            raise ValueError(f"unknown strategy {kind!r} (choose from {', '.join(KINDS)})")
+        density, r = cfg.density, cfg.r
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            try:
+                if key == "r":
+                    r = int(value)
+                elif key == "density":
+                    density = float(value)
+                else:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"bad strategy option {opt!r} in {item!r} "
+                                 "(use r=INT or density=FLOAT)") from None
+        if r < 1 or not 0.0 < density <= 1.0:
+            raise ValueError(f"strategy {item!r}: need r >= 1 and density in (0, 1]")
+        if kind == "dense":
+            density = 1.0
+        specs.append(StrategySpec(item.strip(), kind, density, r))
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"strategies repeat a name: {names}")
+    return specs

@@ -1,0 +1,92 @@
+"""One experiment end to end: build the stream and the components, run (data parallel or not)."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adsparse.online.components import default_components
+from adsparse.online.config import OnlineConfig
+from adsparse.online.distributed import DistContext, spawn
+from adsparse.online.trainer import OnlineTrainer
+
+__all__ = ["Experiment", "make_stream", "run_experiment"]
+
+
+@dataclass
+class Experiment:
+    """What ``adsparse run`` runs. Picklable, so every rank can rebuild the same run from it."""
+
+    cfg: OnlineConfig = field(default_factory=OnlineConfig)
+    data: str = "synthetic"  # or "criteo"
+    paths: list[str] = field(default_factory=list)
+    rows_per_period: int | None = None  # criteo: None = one file per period
+    preset: str = "kaggle"
+    periods: int = 9
+    samples_per_period: int = 32768
+    batch_size: int = 256
+    max_table_rows: int | None = 2000  # synthetic: cap on each table's rows (None: stream default)
+    model: dict[str, Any] | None = None  # DLRM(**model) instead of the preset (tests)
+    checkpoint_dir: str | None = None
+    nproc: int = 1
+    progress: bool = True
+
+
+def make_stream(exp: Experiment) -> Any:
+    """The experiment's stream (synthetic with ``exp.cfg.seed``, or Criteo files)."""
+    if exp.data == "synthetic":
+        from adsparse.data import CRITEO_LIKE_SIZES, SyntheticCTRStream
+
+        sizes = None
+        if exp.max_table_rows is not None:
+            sizes = [min(n, exp.max_table_rows) for n in CRITEO_LIKE_SIZES]
+        return SyntheticCTRStream(num_periods=exp.periods,
+                                  samples_per_period=exp.samples_per_period,
+                                  seed=exp.cfg.seed, batch_size=exp.batch_size,
+                                  embedding_sizes=sizes)
+    if exp.data == "criteo":
+        from adsparse.data import CriteoStream
+
+        return CriteoStream(exp.paths, rows_per_period=exp.rows_per_period,
+                            batch_size=exp.batch_size)
+    raise ValueError(f"unknown data {exp.data!r} (choose synthetic or criteo)")
+
+
+def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> dict[str, Any]:
+    if ctx.world > 1:
+        # Share the cores: N ranks each with all threads would oversubscribe the machine.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
+    stream = make_stream(exp)
+    comps = default_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
+                               exp.cfg.seed, exp.model)
+    trainer = OnlineTrainer(stream, exp.cfg, comps, ctx, exp.checkpoint_dir,
+                            progress=exp.progress)
+    results = trainer.run()
+    results["experiment"] = {"data": exp.data, "preset": exp.preset, "periods": exp.periods,
+                             "samples_per_period": exp.samples_per_period,
+                             "batch_size": exp.batch_size, "nproc": exp.nproc,
+                             "stream": repr(stream)}
+    if result_path is not None and ctx.is_main:
+        with open(result_path, "wb") as f:
+            pickle.dump(results, f)
+    return results
+
+
+def run_experiment(exp: Experiment) -> dict[str, Any]:
+    """Run ``exp`` in this process (``nproc == 1``) or in ``nproc`` ranks; rank 0's results."""
+    exp.cfg.validate()
+    if exp.nproc == 1:
+        return _rank_main(DistContext(), exp, None)
+    fd, path = tempfile.mkstemp(suffix=".pkl")
+    os.close(fd)
+    try:
+        spawn(_rank_main, exp.nproc, (exp, path), device=exp.cfg.device)
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    finally:
+        os.unlink(path)
