@@ -7,13 +7,21 @@ swap each of them for a sparse module by name. :func:`mlp_layers` lists them.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["DLRM", "PRESETS", "dlrm_preset", "interaction_features", "mlp_layers"]
+__all__ = [
+    "DLRM",
+    "PRESETS",
+    "dlrm_preset",
+    "fuse_relu_",
+    "interaction_features",
+    "mlp_layers",
+]
 
 
 def _dlrm_init_(linear: nn.Linear) -> nn.Linear:
@@ -153,6 +161,26 @@ def mlp_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if hasattr(child, "in_features") and hasattr(child, "out_features"):
                 found.append((f"{container}.{name}", child))
     return found
+
+
+def fuse_relu_(model: nn.Module) -> nn.Module:
+    """Fold each ``nn.ReLU`` into the sparse layer before it, in place (for serving).
+
+    A layer qualifies when it has an ``activation`` attribute set to ``None`` (as
+    ``adsparse.nn.BlockSparseLinear`` has) and the next child of the same ``nn.Sequential`` is
+    an ``nn.ReLU``: the layer gets ``activation="relu"`` (applied in the kernel's epilogue, one
+    pass over the output fewer) and the ReLU becomes ``nn.Identity`` so indices stay the same.
+    Plain ``nn.Linear`` layers are left alone. Returns the model.
+    """
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (_, layer), (next_name, nxt) in itertools.pairwise(children):
+            if getattr(layer, "activation", "absent") is None and isinstance(nxt, nn.ReLU):
+                layer.activation = "relu"
+                setattr(seq, next_name, nn.Identity())
+    return model
 
 
 # Bottom sizes exclude the input (it is num_dense); top sizes come after the interaction.
