@@ -48,6 +48,7 @@ _CHUNK = 4096  # samples generated per RNG draw; fixed so data do not depend on 
 _LATENT = 4  # width of the true latent factors of the interactions
 _DENSE_HIDDEN = 16
 _SMALL_TABLE = 64  # tables this small exist whole from the start and are never missing
+_MID_TABLE = 6000  # the largest tables that take part in the true interactions
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -82,7 +83,7 @@ class SyntheticCTRStream:
         num_dense: int = 13,
         embedding_sizes: Sequence[int] | None = None,
         regime_boundaries: Sequence[int] | None = None,
-        pairs_per_regime: int = 6,
+        pairs_per_regime: int = 4,
         initial_id_share: float = 0.5,
         base_ctr: tuple[float, float] = (0.05, 0.11),
     ) -> None:
@@ -115,9 +116,9 @@ class SyntheticCTRStream:
                      base_ctr: tuple[float, float]) -> None:
         rng = np.random.default_rng([self.seed, 0])
         nf, nd, k = len(self.embedding_sizes), self.num_dense, _LATENT
-        self.zipf_exponent = rng.uniform(1.05, 1.25, nf)
+        self.zipf_exponent = rng.uniform(1.2, 1.5, nf)
         self.missing_rate = np.where(rng.random(nf) < 0.25, rng.uniform(0.05, 0.2, nf), 0.0)
-        self.field_weight = np.abs(rng.normal(0.14, 0.05, nf))
+        self.field_weight = np.abs(np.where(rng.random(nf) < 0.3, rng.normal(0.4, 0.1, nf), 0.05))
         self._weight_phase = rng.uniform(0, 2 * math.pi, nf)
         self._effects, self._factors, self._pop = [], [], []
         self._arrival, self._zipf_cdf, self._initial_ids = [], [], []
@@ -131,7 +132,7 @@ class SyntheticCTRStream:
             fac[:, 0] = 0.0
             self._effects.append(eff)
             self._factors.append(fac)
-            self._pop.append((rng.normal(0.0, 1.0, n), rng.uniform(0.3, 1.2, n),
+            self._pop.append((rng.normal(0.0, 1.0, n), rng.uniform(0.15, 0.6, n),
                               rng.uniform(0, 2 * math.pi, n)))
             n0 = n - 1 if small else max(1, round(initial_share * (n - 1)))
             self._initial_ids.append(n0)
@@ -145,15 +146,17 @@ class SyntheticCTRStream:
             self._zipf_cdf.append(np.cumsum(weights))
         self.num_regimes = len(self.regime_boundaries) + 1
         self._regime_pairs, self._pair_strength = [], []
-        candidates = [(f, g) for f in range(nf) for g in range(f + 1, nf)
-                      if min(self.embedding_sizes[f], self.embedding_sizes[g]) > _SMALL_TABLE]
+        # Interactions live between mid-sized tables (think site category x user segment):
+        # their IDs recur often enough within a period for a model to learn their factors.
+        mid = [f for f, n in enumerate(self.embedding_sizes) if _SMALL_TABLE < n <= _MID_TABLE]
+        candidates = [(f, g) for i, f in enumerate(mid) for g in mid[i + 1:]]
         if len(candidates) < pairs_per_regime:
             candidates = [(f, g) for f in range(nf) for g in range(f + 1, nf)]
         for _ in range(self.num_regimes):
             pick = rng.choice(len(candidates), size=min(pairs_per_regime, len(candidates)),
                               replace=False)
             self._regime_pairs.append([candidates[i] for i in sorted(pick)])
-            self._pair_strength.append(rng.uniform(0.6, 1.0, len(pick))
+            self._pair_strength.append(rng.uniform(0.8, 1.2, len(pick))
                                        * rng.choice([-1.0, 1.0], len(pick)))
         lo, hi = base_ctr
         self._base_logit = np.log(
@@ -235,7 +238,7 @@ class SyntheticCTRStream:
             ids = np.nonzero(arrival <= q)[0]
             age = q - arrival[ids]
             fresh = np.where(self._initial_ids[f] < ids, 1.5 * np.exp(-age / 2.0), 0.0)
-            score = base[ids] + 0.8 * np.sin(freq[ids] * q + phase[ids]) + fresh
+            score = base[ids] + 0.5 * np.sin(freq[ids] * q + phase[ids]) + fresh
             out.append(ids[np.argsort(-score, kind="stable")])
         self._rankings[q] = out
         while len(self._rankings) > 4:
