@@ -42,9 +42,21 @@ def bucket(n: int) -> int:
     return next_pow2(n)
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use tf32 (the new ``fp32_precision`` or ``allow_tf32``)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:  # torch refuses to read the legacy flag after a mix of both APIs
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot``: tf32 only for fp32 and only when torch allows it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
+    if dtype == torch.float32 and not INTERPRET and tf32_allowed():
         return "tf32"
     return "ieee"
 

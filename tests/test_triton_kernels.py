@@ -372,7 +372,7 @@ _COMPILE_CASES = [
     ("masked_linear", "_masked_linear_fwd_kernel", "bf16",
      dict(bn=1, bk=1, HAS_BIAS=True, ACT=1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64)),
     ("masked_linear", "_masked_linear_bwd_input_kernel", "fp32",
-     dict(bn=8, bk=4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)),
+     dict(bn=8, bk=4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PRECISION="tf32")),
     ("masked_linear", "_masked_linear_bwd_params_kernel", "bf16",
      dict(bn=16, bk=32, NEED_WEIGHT=True, NEED_MASK=True, REDUCE=1, BLOCK_N=64, BLOCK_K=64,
           BLOCK_B=32)),
@@ -393,7 +393,7 @@ def test_compiles_for_sm90(module: str, kernel: str, dtype: str, consts: dict) -
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(f"adsparse_kernels.{module}"), kernel).fn
-    consts = dict(consts, PRECISION="ieee")
+    consts = {"PRECISION": "ieee", **consts}
     signature = {}
     for name in fn.arg_names:
         if name in consts:
