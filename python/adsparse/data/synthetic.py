@@ -13,6 +13,8 @@ The clicks come from a known ("true") model that a DLRM can represent, and that 
   + sum_{(f,g) in pairs(regime)} c_fg <u_f[id_f](t), u_g[id_g](t)> + mlp_regime(t)(dense)``:
   per-ID effects ``e`` and latent factors ``u`` rotate slowly between two random tables, field
   weights ``w_f`` and the base rate ``b`` oscillate, and the dense MLP slides between two nets.
+  The interacting pairs are drawn among mid-sized tables (65..6000 rows) whose IDs recur often
+  enough for a model to learn their factors; about 30% of fields carry strong per-ID effects.
 * **Regime changes.** At a few periods (:attr:`regime_boundaries`) the set of interacting
   field pairs, the dense MLP, the dense feature distribution and the base rate all change at
   once, so the feature interactions that matter (and the best sparsity pattern) change.
@@ -70,8 +72,9 @@ class SyntheticCTRStream:
             regimes of equal length (periods ``P//3`` and ``2P//3``).
         pairs_per_regime: interacting field pairs in each regime.
         initial_id_share: share of each large table's IDs that exist at period 0.
-        base_ctr: the click rates that the regimes aim at (one is drawn per regime); the
-            realised mean CTR of every period stays within 3%..30% with the defaults.
+        base_ctr: range of the regimes' target click rates (one is drawn per regime; the
+            base logit is solved for it at the start and end of every period, so the realised
+            CTR follows the target up to a slow +-0.25 logit oscillation).
     """
 
     def __init__(
@@ -110,6 +113,7 @@ class SyntheticCTRStream:
             raise ValueError(f"regime_boundaries must lie in 1..{num_periods - 1}")
         self._build_truth(pairs_per_regime, initial_id_share, base_ctr)
         self._rankings: OrderedDict[int, list[np.ndarray]] = OrderedDict()
+        self._calibrate_base_rates()
 
     # ------------------------------------------------------------------ the true model
     def _build_truth(self, pairs_per_regime: int, initial_share: float,
@@ -159,8 +163,7 @@ class SyntheticCTRStream:
             self._pair_strength.append(rng.uniform(0.8, 1.2, len(pick))
                                        * rng.choice([-1.0, 1.0], len(pick)))
         lo, hi = base_ctr
-        self._base_logit = np.log(
-            (c := rng.uniform(lo, hi, self.num_regimes)) / (1 - c))
+        self._target_ctr = rng.uniform(lo, hi, self.num_regimes)
         self._dense_mean = rng.normal(1.5, 0.6, (self.num_regimes, nd))
         self._dense_scale = rng.uniform(0.6, 1.2, nd)
         mix = rng.normal(0.0, 0.4, (nd, nd)) + np.eye(nd)
@@ -173,6 +176,30 @@ class SyntheticCTRStream:
               rng.normal(0, 1.5 / math.sqrt(_DENSE_HIDDEN), _DENSE_HIDDEN)) for _ in range(2)]
             for _ in range(self.num_regimes)
         ]
+
+    def _calibrate_base_rates(self) -> None:
+        # The other terms of the logit spread it widely (pulling the mean CTR towards 0.5) and
+        # shift its mean as they drift; so solve, at the start and at the end of every period,
+        # for the base logit that gives the period's regime its target CTR, and interpolate in
+        # between. The CTR then moves only by the explicit base-rate oscillation (+-0.25 logit)
+        # and jumps at regime changes.
+        self._base_logit = np.zeros((self.num_periods, 2))
+        for p in range(self.num_periods):
+            regime = self.regime_of(p)
+            for end in (0, 1):
+                rng = np.random.default_rng([self.seed, 2, p, end])
+                frac = np.full(1024, float(end))
+                sparse = self._draw_ids(rng, p, frac)
+                dense = self._dense_features(rng, regime, p + frac)
+                rest = self._logits(regime, p + frac, dense, sparse)
+                lo, hi = -12.0, 12.0
+                for _ in range(30):  # bisection: the mean CTR increases with the base logit
+                    mid = 0.5 * (lo + hi)
+                    if _sigmoid(rest + mid).mean() < self._target_ctr[regime]:
+                        lo = mid
+                    else:
+                        hi = mid
+                self._base_logit[p, end] = 0.5 * (lo + hi)
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -276,7 +303,7 @@ class SyntheticCTRStream:
                 sparse: np.ndarray) -> np.ndarray:
         angle = self._angle(t)
         cos, sin = np.cos(angle), np.sin(angle)
-        logit = self._base_logit[regime] + 0.25 * np.sin(2 * math.pi * t / 6.0)
+        logit = np.zeros_like(t)
         for f in range(self.num_sparse):
             ids = sparse[:, f]
             eff = cos * self._effects[f][0, ids] + sin * self._effects[f][1, ids]
@@ -307,7 +334,9 @@ class SyntheticCTRStream:
         regime = self.regime_of(p)
         sparse = self._draw_ids(rng, p, frac)
         dense = self._dense_features(rng, regime, t)
-        logits = self._logits(regime, t, dense, sparse)
+        base = self._base_logit[p, 0] * (1 - frac) + self._base_logit[p, 1] * frac
+        base = base + 0.25 * np.sin(2 * math.pi * t / 6.0)
+        logits = base + self._logits(regime, t, dense, sparse)
         labels = (rng.random(m) < _sigmoid(logits)).astype(np.float32)
         return dense.astype(np.float32), sparse, labels, logits
 
