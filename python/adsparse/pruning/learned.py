@@ -7,8 +7,10 @@ transition the forward pass runs every target layer through ``masked_linear`` wi
 
     m_g = sigmoid(margin_g / tau),   margin_g = (s_g - t_l) / t_l,
 
-the loss is ``task + lambda * (D(t) - D*)`` with ``D(t)`` the weight-weighted global density of
-the soft masks, ``lambda >= 0`` follows dual ascent and ``tau`` is annealed geometrically. The
+the loss is ``task + lambda * (D(t) - D*) + rho/2 * (D(t) - D*)^2`` with ``D(t)`` the
+weight-weighted global density of the soft masks, ``lambda >= 0`` follows dual ascent (the
+quadratic term damps its oscillation, see :class:`LearnedConfig`) and ``tau`` is annealed
+geometrically. The
 temperature acts on the relative margin (rather than on ``s_g - t_l``) so that the soft mask
 sharpens in the same order as the final ranking, which is by margin over all layers: the hard
 masks are the best-margin groups up to the budget, projected exactly (see ``allocation``). At the
@@ -42,14 +44,18 @@ class LearnedConfig:
             of the relative margin ``(s - t)/t``.
         threshold_lr: Adam learning rate of the log-thresholds.
         dual_lr: step of the dual ascent on the budget multiplier ``lambda``.
+        penalty: weight ``rho`` of a quadratic term ``rho/2 * (D - D*)^2`` added to the
+            Lagrangian (the method of multipliers). Without it the multiplier overshoots, the
+            soft density swings to zero and, once the temperature is low, the saturated
+            sigmoids pass no gradient back (measured on the benchmark MLP and the tests).
         train_weights: also train the target layers' weights and biases through the soft mask.
     """
 
     tau_start: float = 0.5
     tau_end: float = 0.02
     threshold_lr: float = 0.05
-    dual_lr: float = 1.0
-    penalty: float = 0.0
+    dual_lr: float = 0.2
+    penalty: float = 10.0
     train_weights: bool = True
 
 
