@@ -231,32 +231,37 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[Row] = []
     start = time.perf_counter()
-    for i, (dt, n, b, blk, d) in enumerate(cases):
-        if time.perf_counter() - start > args.budget_s:
-            print(f"bench_gpu: time budget {args.budget_s:.0f}s reached after {i} of {len(cases)} "
-                  "shapes; the table below is partial.")
-            break
-        for mode in MODES:
-            row = Row(dt, n, b, blk, d, mode)
-            try:
-                _measure(row, DTYPES[dt])
-            except torch.cuda.OutOfMemoryError:
-                row.check = "OOM"
-            rows.append(row)
-            torch.cuda.empty_cache()
-        r = rows[-2]
-        print(f"  [{i + 1}/{len(cases)}] {dt} N=K={n} B={b} block {blk} density {d}: "
-              f"fwd ours {_fmt(r.ours_ms)} ms, dense {_fmt(r.dense_ms)} ms, "
-              f"torch {_fmt(r.torch_bsr_ms)} ms ({time.perf_counter() - start:.0f}s)", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    names = list(asdict(Row("", 0, 0, 0, 0.0, "")))
+    # Written row by row, so a run cut short by a time limit still leaves its measurements.
     with args.out.open("w", newline="") as f:
         writer = csv.writer(f)
-        names = [k for k in asdict(rows[0])] if rows else []
         writer.writerow(names + ["vs_dense", "vs_torch"])
-        for r in rows:
-            values = asdict(r)
-            values["notes"] = " | ".join(r.notes)
-            writer.writerow([values[k] for k in names] + [r.vs_dense, r.vs_torch])
+        for i, (dt, n, b, blk, d) in enumerate(cases):
+            if time.perf_counter() - start > args.budget_s:
+                print(f"bench_gpu: time budget {args.budget_s:.0f}s reached after {i} of "
+                      f"{len(cases)} shapes; the table below is partial.")
+                break
+            for mode in MODES:
+                row = Row(dt, n, b, blk, d, mode)
+                try:
+                    _measure(row, DTYPES[dt])
+                except torch.cuda.OutOfMemoryError:
+                    row.check = "OOM"
+                except Exception as exc:  # report a failing case in the table, keep going
+                    row.check = "ERROR"
+                    row.notes.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                rows.append(row)
+                values = asdict(row)
+                values["notes"] = " | ".join(row.notes)
+                writer.writerow([values[k] for k in names] + [row.vs_dense, row.vs_torch])
+                f.flush()
+                torch.cuda.empty_cache()
+            r = rows[-2]
+            print(f"  [{i + 1}/{len(cases)}] {dt} N=K={n} B={b} block {blk} density {d}: "
+                  f"fwd ours {_fmt(r.ours_ms)} ms, dense {_fmt(r.dense_ms)} ms, "
+                  f"torch {_fmt(r.torch_bsr_ms)} ms ({time.perf_counter() - start:.0f}s)",
+                  flush=True)
     print()
     _print_table(rows)
     notes = sorted({note for r in rows for note in r.notes})
