@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -16,6 +16,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # [B] float32 in {0, 1}
 
 
+@runtime_checkable
 class Stream(Protocol):
     """A non-stationary stream: ``num_periods`` periods (days/hours) of mini-batches.
 
