@@ -30,9 +30,22 @@ def _grid(n: int, k: int, block: tuple[int, int] | None) -> tuple[int, int]:
 
 
 def make_mask(n: int, k: int, block: tuple[int, int] | None, kind: str) -> torch.Tensor:
-    """A float32 mask on the element or block grid: ``binary`` (density 0.3), ``soft`` in [0, 1],
-    ``zeros`` or ``ones``."""
+    """A float32 mask on the element or block grid.
+
+    ``binary``: 0/1, density 0.3, scattered; ``soft``: values in [0, 1] with 30% exact zeros;
+    ``clustered`` / ``clustered_soft``: non-zeros only inside a random quarter of 48 x 48 regions
+    of the weight, so that whole kernel tiles are empty and the tile-skipping path runs (a
+    scattered mask leaves no tile empty); ``zeros``; ``ones``.
+    """
     grid = _grid(n, k, block)
+    if kind.startswith("clustered"):
+        bn, bk = block or (1, 1)
+        regions = random_block_mask((-(-n // 48), -(-k // 48)), 0.25)
+        rows = torch.arange(grid[0]) * bn // 48
+        cols = torch.arange(grid[1]) * bk // 48
+        inside = regions[rows][:, cols]
+        values = torch.rand(grid) if kind == "clustered_soft" else (torch.rand(grid) < 0.6).float()
+        return values * inside
     if kind == "binary":
         return random_block_mask(grid, 0.3).float()
     if kind == "soft":
@@ -79,6 +92,16 @@ CASES = [
     (1000, 513, 17, (32, 32), "zeros", True, None),
     (64, 48, 1, (32, 32), "ones", False, "relu"),
     (64, 48, 1, (16, 16), "soft", True, None),
+    # Tile-skipping path: element masks and every block size, 0/1 and soft, several batches.
+    (200, 150, 3, None, "clustered", True, "relu"),
+    (200, 150, 7, None, "clustered_soft", False, None),
+    (1000, 513, 17, None, "clustered", False, "relu"),
+    (1000, 513, 17, (16, 16), "clustered_soft", True, None),
+    (200, 150, 13, (8, 4), "clustered", True, None),
+    (200, 150, 1, (3, 5), "clustered_soft", True, "relu"),
+    (200, 150, 25, (1, 16), "clustered", False, "relu"),
+    (200, 150, 5, (32, 32), "clustered", True, "relu"),
+    (200, 150, 4, (17, 33), "clustered_soft", False, None),
 ]
 
 
@@ -92,15 +115,18 @@ def test_forward_backward_matches_dense_reference(n, k, b, block, kind, has_bias
                                                     (100, 77, 5, (16, 16)),
                                                     (100, 77, 5, (32, 32))])
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_every_cpu_path(cpu_isa, n, k, b, block, activation):
-    _check(torch.randn(b, k), torch.randn(n, k), make_mask(n, k, block, "soft"),
+@pytest.mark.parametrize("kind", ["soft", "clustered_soft"])
+def test_every_cpu_path(cpu_isa, n, k, b, block, activation, kind):
+    _check(torch.randn(b, k), torch.randn(n, k), make_mask(n, k, block, kind),
            torch.randn(n), block, activation)
 
 
+@pytest.mark.parametrize("kind", ["soft", "clustered"])
 @pytest.mark.parametrize("block", [None, (8, 4)])
-def test_gradient_reaches_mask_only_when_it_requires_grad(block):
-    n, k = 13, 7
-    x, weight, mask = torch.randn(3, k), torch.randn(n, k), make_mask(n, k, block, "soft")
+def test_gradient_reaches_mask_only_when_it_requires_grad(block, kind):
+    # Each subset of inputs needing grad takes its own route through the backward kernels.
+    n, k = 100, 110
+    x, weight, mask = torch.randn(6, k), torch.randn(n, k), make_mask(n, k, block, kind)
     for wrt in [("x",), ("weight",), ("mask",), ("weight", "mask"), ("x", "bias")]:
         _check(x, weight, mask, torch.randn(n), block, "relu", wrt=wrt)
     w = weight.clone().requires_grad_()
