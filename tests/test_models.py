@@ -148,3 +148,16 @@ def test_bad_arguments():
         model(dense, sparse[:, :2])
     with pytest.raises(ValueError, match="rows"):
         model(dense[:1], sparse)
+
+
+def test_sparse_embedding_gradients():
+    torch.manual_seed(5)
+    model = DLRM(4, SIZES, 5, [5], [1], sparse_grad=True)
+    dense, sparse = _inputs(8, 4, SIZES, seed=6)
+    model(dense, sparse).sum().backward()
+    grad = model.embeddings[1].weight.grad
+    assert grad.is_sparse
+    dense_twin = DLRM(4, SIZES, 5, [5], [1])
+    dense_twin.load_state_dict(model.state_dict())
+    dense_twin(dense, sparse).sum().backward()
+    torch.testing.assert_close(grad.to_dense(), dense_twin.embeddings[1].weight.grad)
