@@ -1,105 +1,129 @@
-// CPU kernels of the block-sparse linear op family (bsr_linear*). Reference version: correct,
-// bounds-checked, built on ATen GEMMs per block; the vectorised kernels replace it.
+// CPU kernels of the block-sparse linear op family (bsr_linear*): argument checks, then the
+// vectorised kernels of block_gemm.h on the ISA chosen by cpu_isa.h.
+//
+// Forward: y = act(x @ W^T + b). For B > kGemvMaxBatch, x is packed into panels of MR rows and
+// the blocks are transposed once per call (nnzb*bn*bk floats, small next to B*nnzb*bn*bk FMAs),
+// then each (panel, block row) tile is computed in registers with bias and ReLU in the epilogue.
+// Input gradient: dx = dy @ W through the transposed index, each block column of dx owned by
+// one task (no atomics). Weight gradient: dy^T x at the stored blocks only.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "block_gemm.h"
 #include "checks.h"
+#include "cpu_isa.h"
 
 namespace adsparse {
 namespace {
 
-void check_bsr(const at::Tensor& values, const at::Tensor& row_offsets,
-               const at::Tensor& col_indices, int64_t N, int64_t K) {
+void check_values(const at::Tensor& values) {
   check_float_cpu(values, "values");
   TORCH_CHECK_VALUE(values.dim() == 3, "values must be [nnzb, bn, bk], got ", values.dim(), "-D");
-  const int64_t bn = values.size(1), bk = values.size(2);
-  TORCH_CHECK_VALUE(bn >= 1 && bk >= 1, "block size must be >= 1");
-  check_compressed_index(row_offsets, col_indices, ceil_div(N, bn), ceil_div(K, bk),
-                         "row_offsets", "col_indices");
-  TORCH_CHECK_VALUE(values.size(0) == col_indices.numel(), "values has ", values.size(0),
-                    " blocks but col_indices has ", col_indices.numel());
+  TORCH_CHECK_VALUE(values.size(1) >= 1 && values.size(2) >= 1,
+                    "values: block size must be >= 1, got (", values.size(1), ", ",
+                    values.size(2), ")");
+}
+
+void check_grad_2d(const at::Tensor& t, const char* name) {
+  check_float_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D, got ", t.dim(), "-D");
 }
 
 at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
-                          const at::Tensor& row_offsets, const at::Tensor& col_indices,
+                          const at::Tensor& row_offsets_in, const at::Tensor& col_indices_in,
                           const at::Tensor& t_row_offsets, const at::Tensor& t_col_indices,
                           const at::Tensor& t_block_ids, const std::optional<at::Tensor>& bias,
                           int64_t N, int64_t activation) {
-  check_float_cpu(x, "x");
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [B, K], got ", x.dim(), "-D");
-  const int64_t K = x.size(1);
-  check_bsr(values, row_offsets, col_indices, N, K);
+  // Indices are read through raw pointers: a strided or expanded view is made dense first.
+  const at::Tensor row_offsets = row_offsets_in.contiguous(), col_indices = col_indices_in.contiguous();
+  check_grad_2d(x, "x");
+  check_values(values);
+  TORCH_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
+  TORCH_CHECK_VALUE(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (relu), got ",
+                    activation);
+  const int64_t B = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
-  at::Tensor y = at::zeros({x.size(0), N}, x.options());
+  const int64_t R = ceil_div(N, bn);
+  check_compressed_index(row_offsets, col_indices, R, ceil_div(K, bk), "row_offsets",
+                         "col_indices");
+  TORCH_CHECK_VALUE(values.size(0) == col_indices.numel(), "values has ", values.size(0),
+                    " blocks but col_indices has ", col_indices.numel());
+  at::Tensor b;
   if (bias.has_value()) {
     check_float_cpu(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "]");
-    y.add_(*bias);
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ",
+                      bias->sizes());
+    b = bias->contiguous();
   }
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y;
+  const KernelTable& kt = selected_kernels();
+  const at::Tensor xc = x.contiguous(), vc = values.contiguous();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const int64_t* ro = row_offsets.data_ptr<int64_t>();
   const int64_t* ci = col_indices.data_ptr<int64_t>();
-  at::Tensor xc = x.contiguous();
-  for (int64_t r = 0; r + 1 < row_offsets.numel(); ++r) {
-    const int64_t n0 = r * bn, nr = std::min(bn, N - n0);
-    for (int64_t j = ro[r]; j < ro[r + 1]; ++j) {
-      const int64_t k0 = ci[j] * bk, nc = std::min(bk, K - k0);
-      at::Tensor blk = values[j].narrow(0, 0, nr).narrow(1, 0, nc);
-      y.narrow(1, n0, nr).addmm_(xc.narrow(1, k0, nc), blk.t());
-    }
+  if (B <= kGemvMaxBatch) {
+    forward_gemv(kt, xc, vc, ro, ci, R, bp, static_cast<int>(activation), y);
+  } else {
+    forward_spmm(kt, xc, transpose_blocks(vc), ro, ci, R, bp, static_cast<int>(activation), y);
   }
-  if (activation == 1) y.relu_();
   return y;
 }
 
 at::Tensor bsr_linear_backward_input_cpu(const at::Tensor& grad, const at::Tensor& values,
-                                         const at::Tensor& t_row_offsets,
-                                         const at::Tensor& t_col_indices,
-                                         const at::Tensor& t_block_ids, int64_t K) {
-  check_float_cpu(grad, "grad");
-  check_float_cpu(values, "values");
-  TORCH_CHECK_VALUE(grad.dim() == 2, "grad must be 2-D");
-  const int64_t N = grad.size(1), bn = values.size(1), bk = values.size(2);
-  check_compressed_index(t_row_offsets, t_col_indices, ceil_div(K, bk), ceil_div(N, bn),
-                         "t_row_offsets", "t_col_indices");
+                                         const at::Tensor& t_row_offsets_in,
+                                         const at::Tensor& t_col_indices_in,
+                                         const at::Tensor& t_block_ids_in, int64_t K) {
+  const at::Tensor t_row_offsets = t_row_offsets_in.contiguous(),
+                   t_col_indices = t_col_indices_in.contiguous(),
+                   t_block_ids = t_block_ids_in.contiguous();
+  check_grad_2d(grad, "grad");
+  check_values(values);
+  TORCH_CHECK_VALUE(K >= 0, "in_features must be >= 0, got ", K);
+  const int64_t B = grad.size(0), N = grad.size(1);
+  const int64_t bn = values.size(1), bk = values.size(2), nnzb = values.size(0);
+  const int64_t C = ceil_div(K, bk);
+  check_compressed_index(t_row_offsets, t_col_indices, C, ceil_div(N, bn), "t_row_offsets",
+                         "t_col_indices");
   check_index(t_block_ids, "t_block_ids");
-  TORCH_CHECK_VALUE(t_block_ids.numel() == values.size(0), "t_block_ids must have one entry per block");
-  at::Tensor dx = at::zeros({grad.size(0), K}, grad.options());
-  const int64_t* to = t_row_offsets.data_ptr<int64_t>();
-  const int64_t* tc = t_col_indices.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(t_block_ids.numel() == nnzb && t_col_indices.numel() == nnzb,
+                    "t_block_ids and t_col_indices must have one entry per block (", nnzb,
+                    "), got ", t_block_ids.numel(), " and ", t_col_indices.numel());
   const int64_t* tb = t_block_ids.data_ptr<int64_t>();
-  at::Tensor g = grad.contiguous();
-  for (int64_t c = 0; c + 1 < t_row_offsets.numel(); ++c) {
-    const int64_t k0 = c * bk, nc = std::min(bk, K - k0);
-    for (int64_t j = to[c]; j < to[c + 1]; ++j) {
-      TORCH_CHECK_VALUE(tb[j] >= 0 && tb[j] < values.size(0), "t_block_ids out of range");
-      const int64_t n0 = tc[j] * bn, nr = std::min(bn, N - n0);
-      at::Tensor blk = values[tb[j]].narrow(0, 0, nr).narrow(1, 0, nc);
-      dx.narrow(1, k0, nc).addmm_(g.narrow(1, n0, nr), blk);
-    }
+  for (int64_t j = 0; j < nnzb; ++j) {
+    TORCH_CHECK_VALUE(tb[j] >= 0 && tb[j] < nnzb, "t_block_ids[", j, "] = ", tb[j],
+                      " is out of range [0, ", nnzb, ")");
   }
+  at::Tensor dx = at::empty({B, K}, grad.options());
+  if (B == 0 || K == 0) return dx;
+  backward_input_spmm(selected_kernels(), grad.contiguous(), values.contiguous(),
+                      t_row_offsets.data_ptr<int64_t>(), t_col_indices.data_ptr<int64_t>(), tb, C,
+                      dx);
   return dx;
 }
 
 at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad, const at::Tensor& x,
-                                          const at::Tensor& row_offsets,
-                                          const at::Tensor& col_indices, int64_t bn, int64_t bk) {
-  check_float_cpu(grad, "grad");
-  check_float_cpu(x, "x");
+                                          const at::Tensor& row_offsets_in,
+                                          const at::Tensor& col_indices_in, int64_t bn,
+                                          int64_t bk) {
+  const at::Tensor row_offsets = row_offsets_in.contiguous(), col_indices = col_indices_in.contiguous();
+  check_grad_2d(grad, "grad");
+  check_grad_2d(x, "x");
+  TORCH_CHECK_VALUE(bn >= 1 && bk >= 1, "block size must be >= 1, got (", bn, ", ", bk, ")");
+  TORCH_CHECK_VALUE(grad.size(0) == x.size(0), "grad has ", grad.size(0), " rows but x has ",
+                    x.size(0));
   const int64_t N = grad.size(1), K = x.size(1);
-  check_compressed_index(row_offsets, col_indices, ceil_div(N, bn), ceil_div(K, bk),
-                         "row_offsets", "col_indices");
-  at::Tensor dv = at::zeros({col_indices.numel(), bn, bk}, grad.options());
-  const int64_t* ro = row_offsets.data_ptr<int64_t>();
-  const int64_t* ci = col_indices.data_ptr<int64_t>();
-  at::Tensor g = grad.contiguous(), xc = x.contiguous();
-  for (int64_t r = 0; r + 1 < row_offsets.numel(); ++r) {
-    const int64_t n0 = r * bn, nr = std::min(bn, N - n0);
-    for (int64_t j = ro[r]; j < ro[r + 1]; ++j) {
-      const int64_t k0 = ci[j] * bk, nc = std::min(bk, K - k0);
-      dv[j].narrow(0, 0, nr).narrow(1, 0, nc).copy_(
-          at::mm(g.narrow(1, n0, nr).t(), xc.narrow(1, k0, nc)));
-    }
-  }
+  const int64_t R = ceil_div(N, bn);
+  check_compressed_index(row_offsets, col_indices, R, ceil_div(K, bk), "row_offsets",
+                         "col_indices");
+  const int64_t nnzb = col_indices.numel();
+  at::Tensor dv = at::empty({nnzb, bn, bk}, grad.options());
+  if (nnzb == 0) return dv;
+  if (grad.size(0) == 0) return dv.zero_();
+  const at::Tensor rows = expand_rows(row_offsets.data_ptr<int64_t>(), R, nnzb);
+  backward_weight_sddmm(selected_kernels(), grad.contiguous(), x.contiguous(),
+                        rows.data_ptr<int64_t>(), col_indices.data_ptr<int64_t>(), nnzb, bn, bk,
+                        dv);
   return dv;
 }
 

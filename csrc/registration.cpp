@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
+
 extern "C" {
 // Importing adsparse._C loads this library, which runs the static registrations below.
 PyObject* PyInit__C(void) {
@@ -41,4 +43,8 @@ TORCH_LIBRARY(adsparse, m) {
   m.def(
       "masked_linear_backward_params(Tensor grad, Tensor x, Tensor weight, Tensor mask, "
       "int block_rows, int block_cols, bool need_weight, bool need_mask) -> (Tensor, Tensor)");
+  // The instruction set the CPU kernels would use now: "avx512", "avx2" or "scalar". It honours
+  // ADSPARSE_CPU_ISA (read on each call); a forced path the CPU lacks reports the fallback.
+  // No tensor arguments, so the implementation is registered as a catch-all with the schema.
+  m.def("selected_cpu_isa() -> str", &adsparse::selected_cpu_isa_op);
 }

@@ -1,0 +1,26 @@
+// Run-time choice of the kernels' instruction set.
+//
+// The best path the CPU supports is used unless ADSPARSE_CPU_ISA=avx512|avx2|scalar (or auto)
+// says otherwise. The variable is read on every call (getenv is cheap next to a kernel), so a
+// test can switch paths inside one process. Forcing a path the CPU lacks does not crash: the
+// best supported path below the requested one runs instead (selected_cpu_isa() reports which).
+// An unknown value raises ValueError naming the variable.
+#pragma once
+#include <string>
+
+#include "kernels.h"
+
+namespace adsparse {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa best_supported_isa();
+Isa selected_isa();
+const char* isa_name(Isa isa);
+const KernelTable& kernels_for(Isa isa);
+inline const KernelTable& selected_kernels() { return kernels_for(selected_isa()); }
+
+// The op adsparse::selected_cpu_isa() -> str.
+std::string selected_cpu_isa_op();
+
+}  // namespace adsparse

@@ -1,0 +1,70 @@
+// The vector kernels' interface: plain structs of raw pointers and one table of function
+// pointers per instruction set. The ISA translation units (kernels_avx512.cpp, kernels_avx2.cpp,
+// kernels_scalar.cpp) include no ATen header, so code compiled for AVX-512 can never be merged
+// by the linker into a function that an AVX2-only CPU runs (ODR across target flags).
+// The drivers (bsr_linear.cpp, masked_linear.cpp) validate, allocate, pack and parallelise.
+#pragma once
+#include <cstdint>
+
+namespace adsparse {
+
+// out[b, c] for one block-column of out = act(sum over the stored blocks of that block-column of
+// A[b, a_off : a_off + depth] @ panel_block + bias). Used by the forward (A = x, panel = W^T
+// blocks [bk][bn], block-columns of out = block rows of W) and by the input gradient (A = dy,
+// panel = W blocks [bn][bk] through the transposed index).
+struct SpmmArgs {
+  const float* ap;             // A packed in panels: [ceil(rows/MR)][a_cols][MR], zero-padded rows
+  int64_t rows;                // rows of A and out (the batch)
+  int64_t a_cols;              // columns of A
+  const float* panel;          // packed blocks
+  int64_t panel_stride;        // floats per block in `panel`
+  int64_t ldp;                 // floats between consecutive depth rows of a block
+  int64_t depth_block;         // block extent along A's columns
+  int64_t width_block;         // block extent along out's columns
+  const int64_t* offsets;      // CSR over out block-columns: [num_out_blocks + 1]
+  const int64_t* idx;          // block index along A's columns, per stored block
+  const int64_t* ids;          // position of each stored block in `panel` (nullptr = identity)
+  int64_t num_out_blocks;      // block-columns of out
+  const float* bias;           // [out_cols] or nullptr
+  int relu;                    // 1: fuse max(0, .)
+  float* out;                  // [rows][out_cols]
+  int64_t out_cols;
+};
+
+// dv[j] = dy[:, rows(j)]^T @ x[:, cols(j)] for every stored block j (sampled dense-dense).
+struct SddmmArgs {
+  const float* g;              // [B][N]
+  const float* x;              // [B][K]
+  int64_t B, N, K, bn, bk;
+  const int64_t* block_row;    // block row of each stored block
+  const int64_t* block_col;    // block column of each stored block
+  float* dv;                   // [nnzb][bn][bk]
+};
+
+// y[b, :] for small B: a block-sparse matrix-vector product reading blocks [bn][bk] in place.
+struct GemvArgs {
+  const float* x;              // [B][K]
+  int64_t B, K, N, bn, bk;
+  const float* values;         // [nnzb][bn][bk]
+  const int64_t* offsets;      // row_offsets
+  const int64_t* idx;          // col_indices
+  const float* bias;           // [N] or nullptr
+  int relu;
+  float* y;                    // [B][N]
+};
+
+struct KernelTable {
+  const char* name;
+  int panel_rows;  // MR: rows of A per packed panel for spmm
+  // Each runs items [begin, end): spmm items are (panel, out block-column) pairs, panel-major;
+  // sddmm items are stored blocks; gemv items are block rows of W.
+  void (*spmm)(const SpmmArgs&, int64_t begin, int64_t end);
+  void (*sddmm)(const SddmmArgs&, int64_t begin, int64_t end);
+  void (*gemv)(const GemvArgs&, int64_t begin, int64_t end);
+};
+
+const KernelTable& kernels_scalar();
+const KernelTable& kernels_avx2();
+const KernelTable& kernels_avx512();
+
+}  // namespace adsparse

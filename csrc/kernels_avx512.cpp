@@ -1,0 +1,73 @@
+// AVX-512 kernels (16 floats per vector). Compiled for this target by the pragma below, not by
+// -march flags, so the library still loads on CPUs without AVX-512; cpu_isa.cpp only calls this
+// table after checking the CPU's features.
+#include <cstdint>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2")
+#include <immintrin.h>
+
+namespace adsparse {
+namespace {
+
+struct Vec {
+  using V = __m512;
+  static constexpr int W = 16;
+  static inline __mmask16 mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static inline V zero() { return _mm512_setzero_ps(); }
+  static inline V load(const float* p) { return _mm512_loadu_ps(p); }
+  // Masked-off lanes are not read (no fault), so tails never touch memory past the tensor.
+  static inline V loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline V add(V a, V b) { return _mm512_add_ps(a, b); }
+  // max(0, v) with v second: MAXPS returns its second operand when one is NaN, so NaN survives.
+  static inline V relu(V v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }
+  static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static inline void storen(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
+  static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  // The 16 row sums of 16 accumulators in one shuffle tree (15 adds instead of 16 reductions).
+  // After the four levels, element 4*L + m of r holds row 4*m + L, undone by one permute.
+  template <int G>
+  static inline void hsum_rows(const V (&acc)[G], float* out) {
+    static_assert(G == 16, "the shuffle tree reduces exactly 16 vectors");
+    V c[8], e[4], f[2];
+    for (int p = 0; p < 8; ++p) {  // 512 -> 256 bits per row: lanes [a02, a13, b02, b13]
+      c[p] = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0x44),
+                           _mm512_shuffle_f32x4(acc[2 * p], acc[2 * p + 1], 0xEE));
+    }
+    for (int q = 0; q < 4; ++q) {  // -> 128 bits per row: lane L is row 4q + L
+      e[q] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0x88),
+                           _mm512_shuffle_f32x4(c[2 * q], c[2 * q + 1], 0xDD));
+    }
+    for (int s = 0; s < 2; ++s) {  // -> 64 bits per row
+      f[s] = _mm512_add_ps(_mm512_shuffle_ps(e[2 * s], e[2 * s + 1], 0x44),
+                           _mm512_shuffle_ps(e[2 * s], e[2 * s + 1], 0xEE));
+    }
+    const V r = _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], 0x88),
+                              _mm512_shuffle_ps(f[0], f[1], 0xDD));
+    const __m512i idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, r));
+  }
+};
+
+constexpr int kMR = 16;        // spmm rows per tile: 16 accumulators of one vector each
+constexpr int kMaxNV = 1;      // (two vectors would need 32 accumulators: more than 32 registers)
+constexpr int kNR1 = 16;       // sddmm rows per tile with one vector of columns
+constexpr int kNR2 = 12;       // ... with two vectors
+constexpr int kGemvRows = 16;  // gemv rows of W accumulated at once
+constexpr const char* kIsaName = "avx512";
+
+#include "kernels_impl.h"
+
+}  // namespace
+
+const KernelTable& kernels_avx512() { return kTable; }
+
+}  // namespace adsparse
+#pragma GCC pop_options
+#endif  // x86

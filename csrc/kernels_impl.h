@@ -1,0 +1,258 @@
+// The kernel bodies, written once over a vector type. Each ISA translation unit defines, inside
+// an anonymous namespace, `struct Vec` (V, W, zero, load, loadn, bcast, fma, add, relu, store,
+// storen, hsum, hsum_rows) and the register-blocking constants kMR, kMaxNV, kNR1, kNR2,
+// kGemvRows, then includes
+// this file. Everything here has internal linkage, so each unit gets its own copy compiled for
+// its own target.
+//
+// Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
+// every depth step loads NV vectors of the packed block once and broadcasts MR values of A, so a
+// tile costs MR*NV FMAs per (NV loads + MR broadcasts). With 16x16 blocks on AVX-512 that is one
+// 16-wide vector per depth step and 16 accumulators (MR=16), enough independent FMA chains to
+// hide the FMA latency, and the broadcasts fold into the FMA as memory operands. MR=16 also
+// divides the usual batch sizes, so no padded rows are computed.
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline int clamp_width(int64_t n) {
+  return n <= 0 ? 0 : (n >= Vec::W ? Vec::W : static_cast<int>(n));
+}
+
+// ---------------------------------------------------------------- spmm (forward, input grad)
+template <int NV, bool PARTIAL>
+void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_valid, int64_t ob,
+               int64_t col0, int64_t wv) {
+  using V = typename Vec::V;
+  constexpr int MR = kMR;
+  constexpr int W = Vec::W;
+  V acc[MR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec::zero();
+  int nv[NV];
+  for (int v = 0; v < NV; ++v) nv[v] = clamp_width(wv - v * W);
+
+  const int64_t j1 = a.offsets[ob + 1];
+  for (int64_t j = a.offsets[ob]; j < j1; ++j) {
+    const int64_t blk = a.ids ? a.ids[j] : j;
+    const int64_t a_off = a.idx[j] * a.depth_block;
+    const int64_t depth = imin(a.depth_block, a.a_cols - a_off);
+    const float* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
+    const float* aa = ap + a_off * MR;
+    for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += MR) {
+      V w[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) w[v] = PARTIAL ? Vec::loadn(pp + v * W, nv[v]) : Vec::load(pp + v * W);
+#pragma GCC unroll 32
+      for (int i = 0; i < MR; ++i) {
+        const V xb = Vec::bcast(aa + i);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(xb, w[v], acc[i][v]);
+      }
+    }
+  }
+
+  V bias[NV];
+  for (int v = 0; v < NV; ++v) bias[v] = a.bias ? Vec::loadn(a.bias + col0 + v * W, nv[v]) : Vec::zero();
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows_valid) break;
+    float* o = a.out + (row0 + i) * a.out_cols + col0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      V r = Vec::add(acc[i][v], bias[v]);
+      if (a.relu) r = Vec::relu(r);
+      if (PARTIAL) {
+        Vec::storen(o + v * W, r, nv[v]);
+      } else {
+        Vec::store(o + v * W, r);
+      }
+    }
+  }
+}
+
+void spmm(const SpmmArgs& a, int64_t begin, int64_t end) {
+  constexpr int W = Vec::W;
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
+    const float* ap = a.ap + p * a.a_cols * kMR;
+    const int64_t row0 = p * kMR;
+    const int64_t rows_valid = imin(kMR, a.rows - row0);
+    const int64_t cbase = ob * a.width_block;
+    const int64_t valid = imin(a.width_block, a.out_cols - cbase);
+    int64_t c0 = 0;
+    while (c0 < valid) {
+      const int64_t rem = valid - c0;
+      if (kMaxNV >= 2 && rem >= 2 * W) {
+        spmm_tile<kMaxNV >= 2 ? 2 : 1, false>(a, ap, row0, rows_valid, ob, cbase + c0, 2 * W);
+        c0 += 2 * W;
+      } else if (kMaxNV >= 2 && rem > W) {
+        spmm_tile<kMaxNV >= 2 ? 2 : 1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
+        c0 = valid;
+      } else if (rem >= W) {
+        spmm_tile<1, false>(a, ap, row0, rows_valid, ob, cbase + c0, W);
+        c0 += W;
+      } else {
+        spmm_tile<1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
+        c0 = valid;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- sddmm (weight grad)
+// One tile: NR rows of the block (broadcast from dy) x NV vectors of its columns (loaded from x),
+// summed over the whole batch. FULL_ROWS lets the common case drop the row guard.
+template <int NV, bool PARTIAL, bool FULL_ROWS>
+void sddmm_tile(const SddmmArgs& a, int64_t n_base, int64_t nr, int64_t k_base, int64_t wv,
+                float* dst) {
+  using V = typename Vec::V;
+  constexpr int NR = NV == 1 ? kNR1 : kNR2;
+  constexpr int W = Vec::W;
+  V acc[NR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < NR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = Vec::zero();
+  int nv[NV];
+  for (int v = 0; v < NV; ++v) nv[v] = clamp_width(wv - v * W);
+  const float* gp = a.g + n_base;
+  const float* xp = a.x + k_base;
+  for (int64_t b = 0; b < a.B; ++b, gp += a.N, xp += a.K) {
+    V xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = PARTIAL ? Vec::loadn(xp + v * W, nv[v]) : Vec::load(xp + v * W);
+#pragma GCC unroll 32
+    for (int i = 0; i < NR; ++i) {
+      if (FULL_ROWS || i < nr) {
+        const V gb = Vec::bcast(gp + i);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(gb, xv[v], acc[i][v]);
+      }
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < NR; ++i) {
+    if (!FULL_ROWS && i >= nr) break;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if (PARTIAL) {
+        Vec::storen(dst + i * a.bk + v * W, acc[i][v], nv[v]);
+      } else {
+        Vec::store(dst + i * a.bk + v * W, acc[i][v]);
+      }
+    }
+  }
+}
+
+template <int NV, bool PARTIAL>
+void sddmm_rows(const SddmmArgs& a, int64_t n0, int64_t nvalid, int64_t k_base, int64_t wv,
+                float* dst) {
+  constexpr int NR = NV == 1 ? kNR1 : kNR2;
+  for (int64_t n = 0; n < nvalid; n += NR) {
+    const int64_t nr = imin(NR, nvalid - n);
+    if (nr == NR) {
+      sddmm_tile<NV, PARTIAL, true>(a, n0 + n, nr, k_base, wv, dst + n * a.bk);
+    } else {
+      sddmm_tile<NV, PARTIAL, false>(a, n0 + n, nr, k_base, wv, dst + n * a.bk);
+    }
+  }
+}
+
+void sddmm(const SddmmArgs& a, int64_t begin, int64_t end) {
+  constexpr int W = Vec::W;
+  const int64_t bsz = a.bn * a.bk;
+  for (int64_t j = begin; j < end; ++j) {
+    const int64_t n0 = a.block_row[j] * a.bn, k0 = a.block_col[j] * a.bk;
+    const int64_t nvalid = imin(a.bn, a.N - n0), kvalid = imin(a.bk, a.K - k0);
+    float* dvj = a.dv + j * bsz;
+    if (nvalid < a.bn || kvalid < a.bk) {
+      for (int64_t e = 0; e < bsz; ++e) dvj[e] = 0.0f;  // padding of tail blocks stays zero
+    }
+    int64_t c0 = 0;
+    while (c0 < kvalid) {
+      const int64_t rem = kvalid - c0;
+      if (rem >= 2 * W) {
+        sddmm_rows<2, false>(a, n0, nvalid, k0 + c0, 2 * W, dvj + c0);
+        c0 += 2 * W;
+      } else if (rem > W) {
+        sddmm_rows<2, true>(a, n0, nvalid, k0 + c0, rem, dvj + c0);
+        c0 = kvalid;
+      } else if (rem == W) {
+        sddmm_rows<1, false>(a, n0, nvalid, k0 + c0, W, dvj + c0);
+        c0 = kvalid;
+      } else {
+        sddmm_rows<1, true>(a, n0, nvalid, k0 + c0, rem, dvj + c0);
+        c0 = kvalid;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- gemv (forward, small batch)
+// G rows of W at a time, each accumulated as a vector along k, reduced once per block row, so
+// the blocks are read in place (no transposition, which would cost as much as the product).
+template <bool FULL>
+void gemv_rows(const GemvArgs& a, const float* xb, int64_t r, int64_t ng, int64_t gv, float* yb) {
+  using V = typename Vec::V;
+  constexpr int G = kGemvRows;
+  constexpr int W = Vec::W;
+  V acc[G];
+#pragma GCC unroll 32
+  for (int g = 0; g < G; ++g) acc[g] = Vec::zero();
+  const int64_t n0 = r * a.bn;
+  const int64_t j1 = a.offsets[r + 1];
+  for (int64_t j = a.offsets[r]; j < j1; ++j) {
+    const int64_t k0 = a.idx[j] * a.bk;
+    const int64_t kvalid = imin(a.bk, a.K - k0);
+    const float* blk = a.values + j * a.bn * a.bk + ng * a.bk;
+    for (int64_t kc = 0; kc < kvalid; kc += W) {
+      const int n = clamp_width(kvalid - kc);
+      if (n == W) {
+        const V xv = Vec::load(xb + k0 + kc);
+#pragma GCC unroll 32
+        for (int g = 0; g < G; ++g)
+          if (FULL || g < gv) acc[g] = Vec::fma(Vec::load(blk + g * a.bk + kc), xv, acc[g]);
+      } else {
+        const V xv = Vec::loadn(xb + k0 + kc, n);
+#pragma GCC unroll 32
+        for (int g = 0; g < G; ++g)
+          if (FULL || g < gv) acc[g] = Vec::fma(Vec::loadn(blk + g * a.bk + kc, n), xv, acc[g]);
+      }
+    }
+  }
+  float sums[G];
+  if (FULL) {
+    Vec::hsum_rows(acc, sums);
+  } else {
+    for (int g = 0; g < gv; ++g) sums[g] = Vec::hsum(acc[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    if (!FULL && g >= gv) break;
+    const int64_t n = n0 + ng + g;
+    float s = sums[g] + (a.bias ? a.bias[n] : 0.0f);
+    if (a.relu) s = s < 0.0f ? 0.0f : s;  // keeps NaN (max(0, NaN) would drop it)
+    yb[n] = s;
+  }
+}
+
+void gemv(const GemvArgs& a, int64_t begin, int64_t end) {
+  for (int64_t b = 0; b < a.B; ++b) {
+    const float* xb = a.x + b * a.K;
+    float* yb = a.y + b * a.N;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t nvalid = imin(a.bn, a.N - r * a.bn);
+      for (int64_t ng = 0; ng < nvalid; ng += kGemvRows) {
+        const int64_t gv = imin(kGemvRows, nvalid - ng);
+        if (gv == kGemvRows) {
+          gemv_rows<true>(a, xb, r, ng, gv, yb);
+        } else {
+          gemv_rows<false>(a, xb, r, ng, gv, yb);
+        }
+      }
+    }
+  }
+}
+
+const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv};
