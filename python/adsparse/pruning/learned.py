@@ -51,10 +51,10 @@ class LearnedConfig:
         train_weights: also train the target layers' weights and biases through the soft mask.
     """
 
-    tau_start: float = 0.5
-    tau_end: float = 0.02
+    tau_start: float = 0.2
+    tau_end: float = 0.01
     threshold_lr: float = 0.05
-    dual_lr: float = 0.2
+    dual_lr: float = 1.0
     penalty: float = 10.0
     train_weights: bool = True
 
@@ -135,6 +135,26 @@ class LearnedThresholds:
         """``sigmoid(margin / tau)`` per layer, differentiable in the thresholds."""
         return [torch.sigmoid(m / tau) for m in self.margins(targets, scores)]
 
+    def cap(self, targets: list[Target], scores: list[torch.Tensor], floors: list[float]) -> None:
+        """Project the thresholds onto the layer floors: ``t_l`` at most the score of the last
+        group a layer needs to keep ``floors[l]`` weights (its best group when the floor is 0).
+
+        A threshold above all of a layer's scores leaves every sigmoid saturated, so neither the
+        task nor the budget term can bring the layer back (measured: whole layers of the
+        benchmark MLP died that way within 40 steps). Capped, the layer's best groups always
+        sit at the soft boundary, where the gradient flows.
+        """
+        with torch.no_grad():
+            for t, s, floor in zip(targets, scores, floors):
+                flat = s.flatten()
+                order = torch.sort(flat, descending=True).indices
+                csum = t.sizes.flatten().to(flat.device, torch.float64)[order].cumsum(0)
+                need = int(torch.searchsorted(csum, torch.tensor([floor - 1e-9], device=csum.device,
+                                                                 dtype=csum.dtype)))
+                top = float(flat[order[min(need, flat.numel() - 1)]])
+                if top > 0:
+                    self.log_t[t.fqn].clamp_(max=torch.tensor(top).log().item())
+
     @staticmethod
     def density(targets: list[Target], masks: list[torch.Tensor]) -> torch.Tensor:
         """Global density implied by (soft) masks: groups weighted by their real weights."""
@@ -151,7 +171,8 @@ class LearnedThresholds:
 
 
 def run_learned(session: TransitionSession, thresholds: LearnedThresholds,
-                scores_fn: Callable[[Target], torch.Tensor], density: float, steps: int,
+                scores_fn: Callable[[Target], torch.Tensor], density: float,
+                floors: list[float], steps: int,
                 batches: Iterator[Any], loss_fn: Callable[[Any, Any], torch.Tensor],
                 weight_optimizer: torch.optim.Optimizer | None, config: LearnedConfig,
                 taylor: TaylorScorer | None, history: list[dict[str, float]]
@@ -187,6 +208,7 @@ def run_learned(session: TransitionSession, thresholds: LearnedThresholds,
             weight_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         threshold_opt.step()
+        thresholds.cap(targets, scores, floors)
         if weight_optimizer is not None:
             weight_optimizer.step()
         gap = float(gap.detach())
@@ -194,8 +216,12 @@ def run_learned(session: TransitionSession, thresholds: LearnedThresholds,
         if taylor is not None:
             for t, m in zip(targets, forward_masks):
                 taylor.update(t.fqn, m.grad)
-        history.append({"step": step, "loss": float(task.detach()), "tau": tau,
-                        "soft_density": gap + density, "dual": thresholds.dual})
+        record = {"step": step, "loss": float(task.detach()), "tau": tau,
+                  "soft_density": gap + density, "dual": thresholds.dual}
+        for t, m in zip(targets, forward_masks):
+            record[f"density/{t.fqn}"] = float((t.sizes.to(m.device) * m.detach()).sum()
+                                               / t.num_weights)
+        history.append(record)
     for proxy in proxies:
         proxy.mask = proxy.mask.detach()
     final = [normalize_scores(scores_fn(t)) for t in targets]

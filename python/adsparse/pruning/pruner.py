@@ -147,7 +147,7 @@ class Pruner:
                     else:
                         train = self.learned_config.train_weights
                         margins = run_learned(session, self.thresholds, scores_fn,
-                                              self.target_density, steps, it, loss_fn,
+                                              self.target_density, floors, steps, it, loss_fn,
                                               opt if train else None, self.learned_config, taylor,
                                               self.history)
                         masks = select_global(margins, sizes, budget, floors)
