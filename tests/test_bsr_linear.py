@@ -173,6 +173,14 @@ def test_empty_batch():
     assert bsr_linear(torch.randn(2, 0, 7), w).shape == (2, 0, 13)
 
 
+@pytest.mark.parametrize(("n", "k"), [(5, 0), (0, 7), (0, 0)])
+def test_zero_features(n, k):
+    """nn.Linear allows in/out_features = 0: the result is the bias (or empty), grads flow."""
+    w = random_bsr(n, k, (2, 2), 1.0)
+    _check(w, torch.randn(3, k), torch.randn(n), "relu")
+    assert bsr_linear(torch.randn(2, 3, k), w).shape == (2, 3, n)
+
+
 @pytest.mark.parametrize("activation", [None, "relu"])
 @pytest.mark.parametrize("density", [0.5, 1.0])
 def test_nan_propagates(density, activation):

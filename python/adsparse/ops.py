@@ -76,7 +76,8 @@ def _flatten_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
         raise ValueError(
             f"x.shape[-1] = {x.shape[-1]} does not match in_features K = {in_features}"
         )
-    return x.reshape(-1, in_features).contiguous()
+    # An explicit row count, not -1: reshape cannot infer it when K = 0 (nn.Linear(0, N) is valid).
+    return x.reshape(x.shape[:-1].numel(), in_features).contiguous()
 
 
 def _check_bias(bias: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
