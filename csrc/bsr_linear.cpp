@@ -35,7 +35,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                           const at::Tensor& t_block_ids, const std::optional<at::Tensor>& bias,
                           int64_t N, int64_t activation) {
   // Indices are read through raw pointers: a strided or expanded view is made dense first.
-  const at::Tensor row_offsets = row_offsets_in.contiguous(), col_indices = col_indices_in.contiguous();
+  const at::Tensor row_offsets = row_offsets_in.contiguous();
+  const at::Tensor col_indices = col_indices_in.contiguous();
   check_grad_2d(x, "x");
   check_values(values);
   TORCH_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
@@ -106,7 +107,8 @@ at::Tensor bsr_linear_backward_weight_cpu(const at::Tensor& grad, const at::Tens
                                           const at::Tensor& row_offsets_in,
                                           const at::Tensor& col_indices_in, int64_t bn,
                                           int64_t bk) {
-  const at::Tensor row_offsets = row_offsets_in.contiguous(), col_indices = col_indices_in.contiguous();
+  const at::Tensor row_offsets = row_offsets_in.contiguous();
+  const at::Tensor col_indices = col_indices_in.contiguous();
   check_grad_2d(grad, "grad");
   check_grad_2d(x, "x");
   TORCH_CHECK_VALUE(bn >= 1 && bk >= 1, "block size must be >= 1, got (", bn, ", ", bk, ")");
