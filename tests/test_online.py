@@ -1,0 +1,210 @@
+"""The online paradigms on tiny streams: schedules, progressive validation, resume, 2 ranks."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adsparse.data import SyntheticCTRStream
+from adsparse.metrics import StreamingMetrics, ne
+from adsparse.models import DLRM
+from adsparse.nn import BlockSparseLinear
+from adsparse.online import (
+    Experiment,
+    OnlineConfig,
+    OnlineTrainer,
+    default_components,
+    parse_strategies,
+    run_experiment,
+)
+from adsparse.online.checkpoint import load_checkpoint, save_checkpoint
+from adsparse.online.distributed import DistContext
+from adsparse.online.strategies import AD2SStrategy, DenseTrack
+
+TINY_MODEL = {"embedding_dim": 8, "bottom_mlp": [32, 8], "top_mlp": [48, 16, 1]}
+SIZES = [50, 7, 90, 30, 3, 64, 20, 11]
+
+
+def tiny_stream(periods: int = 4, samples: int = 384, seed: int = 3) -> SyntheticCTRStream:
+    return SyntheticCTRStream(num_periods=periods, samples_per_period=samples, seed=seed,
+                              batch_size=64, embedding_sizes=SIZES)
+
+
+def tiny_cfg(**kw) -> OnlineConfig:
+    base = {"density": 0.3, "block_size": (8, 8), "prune_steps": 3, "buffer_batches": 4,
+            "window_batches": 2, "lr": 3e-3}
+    base.update(kw)
+    return OnlineConfig(**base)
+
+
+def trainer(stream, cfg, **kw) -> OnlineTrainer:
+    comps = default_components(stream.num_dense, stream.embedding_sizes, seed=cfg.seed,
+                               model=TINY_MODEL)
+    return OnlineTrainer(stream, cfg, comps, progress=False, **kw)
+
+
+def test_all_strategies_one_pass():
+    stream = tiny_stream()
+    cfg = tiny_cfg(strategies=["prune_once", "d2s", "d2s:r=2", "ad2s"], min_interval=1)
+    seen: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    labels: dict[tuple[int, int], torch.Tensor] = {}
+
+    def hook(p, i, batch, preds):
+        seen[(p, i)] = {k: v.clone() for k, v in preds.items()}
+        labels[(p, i)] = batch.labels.clone()
+
+    t = trainer(stream, cfg, on_batch=hook)
+    res = t.run()
+    strat = res["strategies"]
+    assert list(strat) == ["dense", "prune_once", "d2s", "d2s:r=2", "ad2s"]  # dense added
+    # Every strategy saw the same batches (same labels, same order), every period recorded.
+    assert len(seen) == 4 * 6
+    for name, s in strat.items():
+        assert [r["period"] for r in s["periods"]] == [0, 1, 2, 3]
+        # The recorded period NE is the NE of the predictions the strategy served.
+        for r in s["periods"]:
+            keys = sorted(k for k in seen if k[0] == r["period"])
+            y = torch.cat([labels[k] for k in keys])
+            p = torch.cat([seen[k][name] for k in keys])
+            assert r["ne"] == pytest.approx(ne(y, p), rel=1e-6)
+    # Warm-up: every strategy serves the dense model; afterwards the sparse ones differ.
+    for name in strat:
+        assert torch.equal(seen[(0, 3)][name], seen[(0, 3)]["dense"])
+    for name in ("prune_once", "d2s", "ad2s"):
+        assert not torch.equal(seen[(2, 0)][name], seen[(2, 0)]["dense"])
+    # Schedules: prune_once once; d2s every period end from the warm-up on; r=2 every other.
+    assert [g["period"] for g in strat["prune_once"]["regenerations"]] == [0]
+    assert [g["period"] for g in strat["d2s"]["regenerations"]] == [0, 1, 2, 3]
+    assert [g["period"] for g in strat["d2s:r=2"]["regenerations"]] == [0, 2]
+    assert strat["ad2s"]["regenerations"][0]["reason"] == "warmup"
+    for name in ("prune_once", "d2s", "ad2s"):
+        # Density budget 0.3 of the prunable layers; the 1-wide head (thinner than a block)
+        # stays dense, so the whole MLP is a little denser.
+        assert 0.3 <= strat[name]["serving_density"] < 0.35
+        assert set(strat[name]["layer_densities"]) == {"bottom_mlp.0", "bottom_mlp.2",
+                                                       "top_mlp.0", "top_mlp.2"}
+    for name in ("prune_once", "d2s", "d2s:r=2", "ad2s"):
+        serving = next(s for s in t.strategies if s.name == name).serving
+        assert sum(isinstance(m, BlockSparseLinear) for m in serving.modules()) == 4
+
+
+def test_progressive_validation_predicts_before_training():
+    stream = tiny_stream(periods=2, samples=256)
+    cfg = tiny_cfg(strategies=["dense"])
+    recorded = []
+    trainer(stream, cfg, on_batch=lambda p, i, b, preds: recorded.append(preds["dense"])).run()
+    # Replay by hand: predict with the current weights, then take the Adam step.
+    torch.manual_seed(cfg.seed)
+    model = DLRM(stream.num_dense, stream.embedding_sizes, **TINY_MODEL)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    batches = [b for p in range(2) for b in stream.period(p)]
+    assert len(batches) == len(recorded)
+    for batch, got in zip(batches, recorded):
+        with torch.no_grad():
+            before = torch.sigmoid(model(batch.dense, batch.sparse))
+        torch.testing.assert_close(got, before, rtol=1e-5, atol=1e-6)
+        loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            after = torch.sigmoid(model(batch.dense, batch.sparse))
+        assert not torch.allclose(got, after)  # the order would be visible
+
+
+def test_ad2s_triggers_and_intervals():
+    stream = tiny_stream(periods=3, samples=512)  # 8 batches/period, windows of 2 batches
+    always = trainer(stream, tiny_cfg(strategies=["ad2s"], ne_tolerance=-1.0,
+                                      min_interval=2, max_interval=50)).run()
+    regen = always["strategies"]["ad2s"]["regenerations"]
+    assert regen[0]["reason"] == "warmup"
+    # A negative tolerance always fires, so regenerations come exactly every min_interval
+    # windows: 8 windows after the warm-up -> 4.
+    assert [g["reason"] for g in regen[1:]] == ["ne_gap"] * 4
+    assert all("ne_gap" in g and "drift" in g for g in regen[1:])
+    never = trainer(stream, tiny_cfg(strategies=["ad2s"], ne_tolerance=10.0, drift_bound=2.0,
+                                     min_interval=1, max_interval=3)).run()
+    regen = never["strategies"]["ad2s"]["regenerations"]
+    assert [g["reason"] for g in regen[1:]] == ["max_interval"] * 2
+    windows = never["strategies"]["ad2s"]["windows"]
+    assert len(windows) == 8 and all(math.isfinite(w["ne_gap"]) for w in windows)
+
+
+def test_mask_drift_measures_changed_ranking():
+    stream = tiny_stream(periods=2, samples=256)
+    cfg = tiny_cfg(strategies=["ad2s"])
+    comps = default_components(stream.num_dense, stream.embedding_sizes, model=TINY_MODEL)
+    spec = parse_strategies(["ad2s"], cfg)[0]
+    dense = DenseTrack(comps, cfg, DistContext())
+    strat = AD2SStrategy(spec, cfg, comps, DistContext())
+    strat.regenerate(dense, list(stream.period(0)), 0, -1, "warmup")
+    assert strat.mask_drift(dense) == 0.0
+    layer = dense.model.top_mlp[0]
+    kept = strat.reference_mask["top_mlp.0"]
+    with torch.no_grad():  # swap which blocks are large in one layer: its whole share moves
+        big = layer.weight.abs().max() * 10
+        grid = torch.ones(kept.shape, dtype=torch.bool)
+        grid[kept] = False
+        full = grid.repeat_interleave(8, 0).repeat_interleave(8, 1)
+        full = full[: layer.weight.shape[0], : layer.weight.shape[1]]
+        layer.weight[full] = big
+    moved = int(kept.sum())
+    total = sum(int(m.sum()) for m in strat.reference_mask.values())
+    assert strat.mask_drift(dense) == pytest.approx(min(moved, int(grid.sum())) / total)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+    stream = tiny_stream(periods=3, samples=256)
+    cfg = tiny_cfg(strategies=["prune_once", "d2s", "ad2s"], min_interval=1)
+    full = trainer(stream, cfg).run()
+    # Run the first period only, checkpoint, and resume in a fresh trainer.
+    first = trainer(tiny_stream(periods=3, samples=256), cfg, checkpoint_dir=str(tmp_path))
+    first._maybe_resume()
+    first._run_period(0)
+    first.next_period = 1
+    save_checkpoint(tmp_path, first.state_dict())
+    resumed = trainer(tiny_stream(periods=3, samples=256), cfg, checkpoint_dir=str(tmp_path))
+    res = resumed.run()
+    for name, s in full["strategies"].items():
+        got = res["strategies"][name]
+        assert [r["period"] for r in got["periods"]] == [0, 1, 2]
+        for a, b in zip(s["periods"], got["periods"]):
+            assert b["ne"] == pytest.approx(a["ne"], rel=1e-5)
+        assert len(got["regenerations"]) == len(s["regenerations"])
+    assert load_checkpoint(tmp_path)["next_period"] == 3
+    other = trainer(tiny_stream(periods=3, samples=256), tiny_cfg(density=0.5),
+                    checkpoint_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="different settings"):
+        other.run()
+
+
+def test_two_processes_match_one(tmp_path):
+    base = {"periods": 3, "samples_per_period": 256, "batch_size": 64, "max_table_rows": 40,
+            "model": TINY_MODEL, "progress": False}
+    cfg = {"strategies": ["d2s"], "density": 0.3, "block_size": (8, 8), "prune_steps": 3,
+           "buffer_batches": 3}
+    one = run_experiment(Experiment(cfg=OnlineConfig(**cfg), nproc=1, **base))
+    two = run_experiment(Experiment(cfg=OnlineConfig(**cfg), nproc=2, **base))
+    assert two["world"] == 2
+    for name in ("dense", "d2s"):
+        a, b = one["strategies"][name], two["strategies"][name]
+        for ra, rb in zip(a["periods"], b["periods"]):
+            assert rb["count"] == ra["count"]
+            assert rb["ne"] == pytest.approx(ra["ne"], rel=1e-4)
+    regen = two["strategies"]["d2s"]["regenerations"]
+    assert len(regen) == 3 and all(g["ranks_agree"] for g in regen)
+    # Same dense model (up to summation order) -> the same masks as the 1-process run.
+    assert [g["mask_digest"] for g in regen] == [
+        g["mask_digest"] for g in one["strategies"]["d2s"]["regenerations"]]
+
+
+def test_streaming_metrics_survive_checkpoint(tmp_path):
+    m = StreamingMetrics()
+    m.update(torch.tensor([0.0, 1.0, 1.0]), torch.tensor([0.2, 0.7, 0.4]))
+    save_checkpoint(tmp_path, {"m": m, "model": copy.deepcopy(torch.nn.Linear(2, 2))})
+    assert load_checkpoint(tmp_path)["m"].compute() == m.compute()
+    assert not list(tmp_path.glob(".online-*"))  # no temporary file left behind
