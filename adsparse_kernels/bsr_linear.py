@@ -103,7 +103,8 @@ def _bsr_linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n_idx, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+        # NaN stays NaN, as with torch.relu (a plain maximum would turn it into 0).
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(y_ptr + rm[:, None] * stride_y + n_idx[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 

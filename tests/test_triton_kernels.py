@@ -286,6 +286,22 @@ def check_masked_params_flags():
     _close(dm, ref, base32.view(3, 16, 3, 16).sum((1, 3)), "dM alone (all-zero mask blocks too)")
 
 
+@check
+def check_relu_keeps_nan():
+    """A NaN input gives NaN through the fused ReLU, as torch.relu does (both ops)."""
+    from adsparse.ops import bsr_linear, masked_linear
+
+    x = torch.randn(5, 45)
+    x[2, 5] = float("nan")
+    w = _bsr_weight(37, 45, (16, 16))  # block (0, 0) is stored: some outputs read x[:, 5]
+    y = bsr_linear(x, w, None, "relu")
+    reads_col0 = _expand(w.block_mask().float(), (16, 16), 37, 45)[:, 5] > 0
+    assert bool(torch.isnan(y[2, reads_col0]).all()), "NaN lost by the bsr_linear ReLU"
+    assert not bool(torch.isnan(y[[0, 1, 3, 4]]).any())
+    y = masked_linear(x, torch.randn(37, 45), torch.ones(37, 45), None, "relu")
+    assert bool(torch.isnan(y[2]).all()), "NaN lost by the masked_linear ReLU"
+
+
 # --------------------------------------------------------------------------- the stack
 @check
 def check_stack_routes_through_triton():
