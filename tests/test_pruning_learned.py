@@ -128,3 +128,18 @@ def test_warm_start_continues_from_the_previous_thresholds() -> None:
     # A few more steps from the warm start keep the planted layer low.
     pruner.prune(data, mse, steps=5)
     assert pruner.layer_densities()["dead"] < 0.1
+
+
+def test_cap_keeps_every_layer_at_the_soft_boundary() -> None:
+    model, _ = planted_task(steps=0)
+    targets = find_targets(model, "element", (8, 8), not_head)
+    scores = [normalize_scores(magnitude_scores(t.weight, None)) for t in targets]
+    thresholds = LearnedThresholds()
+    thresholds.prepare(targets, scores, 0.3, tau=0.2)
+    for t in targets:  # far above every score: all sigmoids saturated at 0
+        thresholds.log_t[t.fqn] = torch.tensor(50.0, requires_grad=True)
+    floors = [0.1 * t.num_weights for t in targets]
+    thresholds.cap(targets, scores, floors)
+    for m, floor in zip(thresholds.soft_masks(targets, scores, tau=0.01), floors):
+        assert int((m >= 0.5).sum()) >= floor  # the floor's groups are at or above threshold
+        assert int((m >= 0.5).sum()) <= floor + 1

@@ -192,10 +192,11 @@ class Pruner:
                              f"{tuple(config['block_size'])}, this pruner uses "
                              f"{self.granularity!r} and {self.block_size}")
         targets = {t.fqn: t for t in self._targets()}
-        unknown = sorted(set(state["thresholds"]["log_thresholds"]) - set(targets))
+        unknown = sorted((set(state["thresholds"]["log_thresholds"]) | set(state["masks"]))
+                         - set(targets))
         if unknown:
-            raise ValueError(f"state has thresholds of layers this pruner does not prune: "
-                             f"{unknown}")
+            raise ValueError(f"state has thresholds or masks of layers this pruner does not "
+                             f"prune: {unknown}")
         self.thresholds.load_state_dict(state["thresholds"])
         self._masks = {k: v.clone() for k, v in state["masks"].items()}
         self._sizes = {k: targets[k].sizes for k in self._masks}

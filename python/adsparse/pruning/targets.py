@@ -27,7 +27,8 @@ from adsparse import ops
 from adsparse.layout import block_weight_counts
 from adsparse.nn import SparseLinear, prunable_layers
 
-__all__ = ["MaskedProxy", "Target", "TransitionSession", "cycle_batches", "find_targets"]
+__all__ = ["MaskedProxy", "Target", "TransitionSession", "check_loss", "cycle_batches",
+           "find_targets"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
