@@ -302,7 +302,6 @@ def test_bad_configuration_raises() -> None:
 
 def test_non_finite_loss_raises_with_step_and_restores_weights() -> None:
     model = odd_mlp()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     calls = []
 
     def exploding(m, batch):
@@ -311,8 +310,12 @@ def test_non_finite_loss_raises_with_step_and_restores_weights() -> None:
         return loss * math.inf if len(calls) == 4 else loss
 
     pruner = Pruner(model, 0.3, "learned", "block", BLOCK)
+    pruner.prune(regression_data(model), mse, steps=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    thresholds = pruner.thresholds.thresholds()
     with pytest.raises(FloatingPointError, match="step 3 of the learned transition"):
         pruner.prune(regression_data(model), exploding, steps=10)
+    assert pruner.thresholds.thresholds() == thresholds
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)

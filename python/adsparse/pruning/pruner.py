@@ -146,10 +146,15 @@ class Pruner:
                                         self.history)
                     else:
                         train = self.learned_config.train_weights
-                        margins = run_learned(session, self.thresholds, scores_fn,
-                                              self.target_density, floors, steps, it, loss_fn,
-                                              opt if train else None, self.learned_config, taylor,
-                                              self.history)
+                        saved = self.thresholds.state_dict()
+                        try:
+                            margins = run_learned(session, self.thresholds, scores_fn,
+                                                  self.target_density, floors, steps, it,
+                                                  loss_fn, opt if train else None,
+                                                  self.learned_config, taylor, self.history)
+                        except BaseException:
+                            self.thresholds.load_state_dict(saved)  # warm start stays valid
+                            raise
                         masks = select_global(margins, sizes, budget, floors)
         self._check(targets, masks, budget)
         self._masks = {t.fqn: m for t, m in zip(targets, masks)}
