@@ -311,28 +311,46 @@ def test_backward_weight_rejects_mismatched_batch():
                                        w.col_indices, 5, 4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kernel bug (csrc/checks.h, csrc/bsr_linear.cpp): index tensors are read through "
-    "data_ptr<int64_t>() without a contiguity check, so a strided index gives wrong results and "
-    "an expanded one reads outside its storage"))
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a non-contiguous view (every other element of a wider tensor)."""
+    return torch.stack([t, torch.zeros_like(t)], 1)[:, 0]
+
+
 @pytest.mark.parametrize("kind", ["strided", "expanded"])
-def test_kernel_handles_non_contiguous_index(kind):
+def test_kernels_handle_non_contiguous_index(kind):
+    """Index views passed straight to the ops: read through their strides (a raw-pointer walk
+    would read garbage, or outside the storage of an expanded view), or rejected as such."""
     if kind == "strided":
         w = random_bsr(40, 30, (8, 4), 0.5)
-        ci = torch.stack([w.col_indices, w.col_indices.flip(0)], 1)[:, 0]
+        view = _strided
     else:  # one block column, all stored: col_indices is all zeros, so a stride-0 view equals it
         w = random_bsr(40, 4, (8, 4), 1.0)
-        ci = torch.zeros(1, dtype=torch.int64).expand(w.nnzb)
-    x = torch.randn(3, w.shape[1])
-    expected = OPS.bsr_linear(**_op_args(w, x))
-    assert not ci.is_contiguous() and torch.equal(ci, w.col_indices)
-    try:
-        got = OPS.bsr_linear(**_op_args(w, x, col_indices=ci))
-    except ValueError as err:
-        # Rejecting it is fine, but only as such: any other error means garbage was read.
-        assert "contiguous" in str(err), str(err)
-        return
-    assert torch.equal(got, expected)
+
+        def view(t):
+            return t[:1].expand(t.numel()) if bool((t == t[0]).all()) else _strided(t)
+
+    x, g = torch.randn(3, w.shape[1]), torch.randn(3, w.shape[0])
+    names = ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
+    index = {name: getattr(w, name) for name in names}
+    views = {name: view(t) for name, t in index.items()}
+    assert not any(t.is_contiguous() for t in views.values())
+    calls = [
+        lambda ix: OPS.bsr_linear(**_op_args(w, x, **ix)),
+        lambda ix: OPS.bsr_linear_backward_input(g, w.values, ix["t_row_offsets"],
+                                                 ix["t_col_indices"], ix["t_block_ids"],
+                                                 w.shape[1]),
+        lambda ix: OPS.bsr_linear_backward_weight(g, x, ix["row_offsets"], ix["col_indices"],
+                                                  *w.block_size),
+    ]
+    for call in calls:
+        expected = call(index)
+        try:
+            got = call(views)
+        except ValueError as err:
+            # Rejecting it is fine, but only as such: any other error means garbage was read.
+            assert "contiguous" in str(err), str(err)
+            continue
+        assert torch.equal(got, expected)
 
 
 # --------------------------------------------------------------------------- opcheck
