@@ -76,17 +76,39 @@ def check_float(t: torch.Tensor, name: str, like: torch.Tensor | None = None,
 
 
 def check_index(t: torch.Tensor, name: str, like: torch.Tensor, numel: int | None = None) -> None:
-    """Raise ``ValueError`` unless ``t`` is a 1-D int64 tensor on ``like``'s device.
-
-    Only metadata is checked (a value check would synchronise the GPU); the kernels mask every
-    load by the index bounds, so a corrupt index yields wrong numbers but never a stray read.
-    """
+    """Raise ``ValueError`` unless ``t`` is a 1-D int64 tensor on ``like``'s device."""
     if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or t.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D int64 tensor")
+        what = f"{t.dtype} {t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be int64 and 1-D, got {what}")
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but the operands are on {like.device}")
     if numel is not None and t.numel() != numel:
         raise ValueError(f"{name} must have {numel} entries, got {t.numel()}")
+
+
+def check_index_values(offsets: torch.Tensor | None, indices: torch.Tensor, num_rows: int,
+                       bound: int, offsets_name: str, indices_name: str) -> None:
+    """Value checks of a compressed index (the C++ kernels' messages), on CPU tensors only.
+
+    On a GPU they would synchronise the device on every call; there the kernels mask every
+    load by the index bounds instead, so a corrupt index gives wrong numbers, never a stray
+    read. ``offsets=None`` checks only that ``indices`` lie in ``[0, bound)``.
+    """
+    if indices.device.type != "cpu":
+        return
+    if offsets is not None:
+        if int(offsets[0]) != 0:
+            raise ValueError(f"{offsets_name}[0] must be 0, got {int(offsets[0])}")
+        falls = (offsets.diff() < 0).nonzero()
+        if falls.numel():
+            raise ValueError(f"{offsets_name} must be non-decreasing (row {int(falls[0])})")
+        if int(offsets[num_rows]) != indices.numel():
+            raise ValueError(f"{offsets_name}[-1] must equal the number of blocks "
+                             f"{indices.numel()}, got {int(offsets[num_rows])}")
+    bad = ((indices < 0) | (indices >= bound)).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"{indices_name}[{i}] = {int(indices[i])} is out of range [0, {bound})")
 
 
 def configs(tuned: list[triton.Config], fixed: list[triton.Config],

@@ -32,6 +32,7 @@ from adsparse_kernels._common import (
     bucket,
     check_float,
     check_index,
+    check_index_values,
     configs,
     device_guard,
     dot_precision,
@@ -246,7 +247,11 @@ def bsr_linear(
     n, k, b = int(out_features), int(x.shape[1]), int(x.shape[0])
     rows, cols = triton.cdiv(n, meta["bn"]), triton.cdiv(k, meta["bk"])
     check_index(row_offsets, "row_offsets", x, rows + 1)
-    check_index(col_indices, "col_indices", x, values.shape[0])
+    check_index(col_indices, "col_indices", x)
+    if values.shape[0] != col_indices.numel():
+        raise ValueError(f"values has {values.shape[0]} blocks but col_indices has "
+                         f"{col_indices.numel()}")
+    check_index_values(row_offsets, col_indices, rows, cols, "row_offsets", "col_indices")
     if bias is not None:
         check_float(bias, "bias", x)
         if bias.shape != (n,):
@@ -292,6 +297,9 @@ def bsr_linear_backward_input(
     check_index(t_row_offsets, "t_row_offsets", grad, cols + 1)
     check_index(t_col_indices, "t_col_indices", grad, values.shape[0])
     check_index(t_block_ids, "t_block_ids", grad, values.shape[0])
+    check_index_values(t_row_offsets, t_col_indices, cols, rows, "t_row_offsets",
+                       "t_col_indices")
+    check_index_values(None, t_block_ids, 0, values.shape[0], "", "t_block_ids")
     dx = torch.empty(b, k, dtype=grad.dtype, device=grad.device)
     if b == 0 or k == 0:
         return dx
@@ -331,6 +339,7 @@ def bsr_linear_backward_weight(
     rows, cols = triton.cdiv(n, bn), triton.cdiv(k, bk)
     check_index(row_offsets, "row_offsets", grad, rows + 1)
     check_index(col_indices, "col_indices", grad)
+    check_index_values(row_offsets, col_indices, rows, cols, "row_offsets", "col_indices")
     nnzb = int(col_indices.numel())
     if nnzb == 0 or b == 0:
         return torch.zeros(nnzb, bn, bk, dtype=grad.dtype, device=grad.device)

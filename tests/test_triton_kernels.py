@@ -184,11 +184,25 @@ def check_bsr_empty_and_corrupt_index():
         0, 16, 16)
     assert ak.bsr_linear(x[:0], w.values, w.row_offsets, w.col_indices, w.t_row_offsets,
                          w.t_col_indices, w.t_block_ids, bias, n, 1).shape == (0, n)
-    # A column index out of range (corrupt layout) drops that block; nothing is read outside x.
+    # A column index out of range: on CPU tensors the wrapper raises like the C++ kernel ...
     bad = w.col_indices.clone()
     bad[0] = 1 << 40
-    y = ak.bsr_linear(x, w.values, w.row_offsets, bad, w.t_row_offsets, w.t_col_indices,
-                      w.t_block_ids, None, n, 0)
+    args = (x, w.values, w.row_offsets, bad, w.t_row_offsets, w.t_col_indices, w.t_block_ids,
+            None, n, 0)
+    try:
+        ak.bsr_linear(*args)
+        raise AssertionError("a corrupt col_indices was not rejected")
+    except ValueError as exc:
+        assert "col_indices[0]" in str(exc), str(exc)
+    # ... and on a GPU (no value check there) the kernel drops that block, reading nothing
+    # outside x: run it with the CPU check switched off.
+    module = sys.modules["adsparse_kernels.bsr_linear"]
+    saved = module.check_index_values
+    module.check_index_values = lambda *a, **k: None
+    try:
+        y = ak.bsr_linear(*args)
+    finally:
+        module.check_index_values = saved
     kept = w.values.clone()
     kept[0] = 0
     ref = (x.double() @ w.with_values(kept).to_dense().double().T)
