@@ -21,50 +21,28 @@ int64_t grain_for(double fmas_per_item) {
 
 }  // namespace
 
-at::Tensor pack_panels(const at::Tensor& a, int64_t mr) {
-  const int64_t rows = a.size(0), cols = a.size(1);
+at::Tensor pack_panels(const KernelTable& kt, const at::Tensor& a) {
+  const int64_t rows = a.size(0), cols = a.size(1), mr = kt.panel_rows;
   const int64_t P = (rows + mr - 1) / mr;
   at::Tensor out = at::empty({P, cols, mr}, a.options());
   const float* src = a.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(1, mr * cols));
   at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t rv = std::min(mr, rows - p * mr);
-      float* o = dst + p * cols * mr;
-      const float* s = src + p * mr * cols;
-      // Column chunks keep the mr source rows' lines in L1 while they are interleaved.
-      constexpr int64_t kChunk = 64;
-      for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
-        const int64_t c1 = std::min(cols, c0 + kChunk);
-        for (int64_t i = 0; i < rv; ++i) {
-          const float* si = s + i * cols;
-          for (int64_t c = c0; c < c1; ++c) o[c * mr + i] = si[c];
-        }
-        for (int64_t i = rv; i < mr; ++i) {
-          for (int64_t c = c0; c < c1; ++c) o[c * mr + i] = 0.0f;
-        }
-      }
-    }
+    kt.pack_panels(src, rows, cols, dst, p0, p1);
   });
   return out;
 }
 
-at::Tensor transpose_blocks(const at::Tensor& values) {
+at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values) {
   const int64_t nnzb = values.size(0), bn = values.size(1), bk = values.size(2);
   at::Tensor out = at::empty({nnzb, bk, bn}, values.options());
   const float* src = values.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const int64_t bsz = bn * bk;
-  at::parallel_for(0, nnzb, std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(bsz, 1)),
-                   [&](int64_t j0, int64_t j1) {
-                     for (int64_t j = j0; j < j1; ++j) {
-                       const float* s = src + j * bsz;
-                       float* d = dst + j * bsz;
-                       for (int64_t n = 0; n < bn; ++n)
-                         for (int64_t k = 0; k < bk; ++k) d[k * bn + n] = s[n * bk + k];
-                     }
-                   });
+  const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(bn * bk, 1));
+  at::parallel_for(0, nnzb, grain, [&](int64_t j0, int64_t j1) {
+    kt.transpose_blocks(src, dst, bn, bk, j0, j1);
+  });
   return out;
 }
 
@@ -72,7 +50,7 @@ void forward_spmm(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
                   const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
                   const float* bias, int relu, at::Tensor& y) {
   const int64_t B = x.size(0), K = x.size(1);
-  at::Tensor xp = pack_panels(x, kt.panel_rows);
+  at::Tensor xp = pack_panels(kt, x);
   SpmmArgs a;
   a.ap = xp.data_ptr<float>();
   a.rows = B;
@@ -92,7 +70,8 @@ void forward_spmm(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
   a.out_cols = y.size(1);
   const int64_t items = xp.size(0) * R;
   const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
-                          static_cast<double>(wt.size(0)) / static_cast<double>(std::max<int64_t>(R, 1));
+                          static_cast<double>(wt.size(0)) /
+                          static_cast<double>(std::max<int64_t>(R, 1));
   at::parallel_for(0, items, grain_for(per_item), [&](int64_t b, int64_t e) { kt.spmm(a, b, e); });
 }
 
@@ -113,7 +92,8 @@ void forward_gemv(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
   a.relu = relu;
   a.y = y.data_ptr<float>();
   const double per_row = static_cast<double>(a.B) * a.bn * a.bk *
-                         static_cast<double>(values.size(0)) / static_cast<double>(std::max<int64_t>(R, 1));
+                         static_cast<double>(values.size(0)) /
+                         static_cast<double>(std::max<int64_t>(R, 1));
   at::parallel_for(0, R, grain_for(per_row), [&](int64_t b, int64_t e) { kt.gemv(a, b, e); });
 }
 
@@ -121,7 +101,7 @@ void backward_input_spmm(const KernelTable& kt, const at::Tensor& g, const at::T
                          const int64_t* t_offsets, const int64_t* t_rows, const int64_t* t_ids,
                          int64_t C, at::Tensor& dx) {
   const int64_t B = g.size(0), N = g.size(1);
-  at::Tensor gp = pack_panels(g, kt.panel_rows);
+  at::Tensor gp = pack_panels(kt, g);
   SpmmArgs a;
   a.ap = gp.data_ptr<float>();
   a.rows = B;
@@ -141,7 +121,8 @@ void backward_input_spmm(const KernelTable& kt, const at::Tensor& g, const at::T
   a.out_cols = dx.size(1);
   const int64_t items = gp.size(0) * C;
   const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
-                          static_cast<double>(values.size(0)) / static_cast<double>(std::max<int64_t>(C, 1));
+                          static_cast<double>(values.size(0)) /
+                          static_cast<double>(std::max<int64_t>(C, 1));
   at::parallel_for(0, items, grain_for(per_item), [&](int64_t b, int64_t e) { kt.spmm(a, b, e); });
 }
 

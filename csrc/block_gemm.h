@@ -14,10 +14,10 @@ constexpr int64_t kGemvMaxBatch = 3;
 
 // a [rows, cols] -> [ceil(rows/mr), cols, mr]: each panel holds mr rows interleaved by column so
 // the micro-kernel broadcasts them from one pointer; missing rows of the last panel are zero.
-at::Tensor pack_panels(const at::Tensor& a, int64_t mr);
+at::Tensor pack_panels(const KernelTable& kt, const at::Tensor& a);
 
 // [nnzb, bn, bk] -> [nnzb, bk, bn]: the forward loads one row of W^T per depth step.
-at::Tensor transpose_blocks(const at::Tensor& values);
+at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values);
 
 // y [B, N] = act(x [B, K] @ W^T + bias), W given as transposed blocks wt [nnzb, bk, bn] in CSR
 // order over block rows (row_offsets [R+1], col_indices [nnzb]).

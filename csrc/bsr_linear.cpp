@@ -40,8 +40,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   check_grad_2d(x, "x");
   check_values(values);
   TORCH_CHECK_VALUE(N >= 0, "out_features must be >= 0, got ", N);
-  TORCH_CHECK_VALUE(activation == 0 || activation == 1, "activation must be 0 (none) or 1 (relu), got ",
-                    activation);
+  TORCH_CHECK_VALUE(activation == 0 || activation == 1,
+                    "activation must be 0 (none) or 1 (relu), got ", activation);
   const int64_t B = x.size(0), K = x.size(1);
   const int64_t bn = values.size(1), bk = values.size(2);
   const int64_t R = ceil_div(N, bn);
@@ -66,7 +66,8 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   if (B <= kGemvMaxBatch) {
     forward_gemv(kt, xc, vc, ro, ci, R, bp, static_cast<int>(activation), y);
   } else {
-    forward_spmm(kt, xc, transpose_blocks(vc), ro, ci, R, bp, static_cast<int>(activation), y);
+    forward_spmm(kt, xc, transpose_blocks(kt, vc), ro, ci, R, bp, static_cast<int>(activation),
+                 y);
   }
   return y;
 }

@@ -61,6 +61,13 @@ struct KernelTable {
   void (*spmm)(const SpmmArgs&, int64_t begin, int64_t end);
   void (*sddmm)(const SddmmArgs&, int64_t begin, int64_t end);
   void (*gemv)(const GemvArgs&, int64_t begin, int64_t end);
+  // a [rows][cols] -> panels [ceil(rows/MR)][cols][MR], zero rows past `rows`; panels
+  // [begin, end).
+  void (*pack_panels)(const float* a, int64_t rows, int64_t cols, float* out, int64_t begin,
+                      int64_t end);
+  // Blocks [begin, end) of src [nnzb][bn][bk] -> dst [nnzb][bk][bn].
+  void (*transpose_blocks)(const float* src, float* dst, int64_t bn, int64_t bk, int64_t begin,
+                           int64_t end);
 };
 
 const KernelTable& kernels_scalar();

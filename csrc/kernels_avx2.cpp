@@ -34,6 +34,11 @@ struct Vec {
   static inline void hsum_rows(const V (&acc)[G], float* out) {
     for (int g = 0; g < G; ++g) out[g] = hsum(acc[g]);
   }
+  // Plain 16 x 16 transpose (only AVX-512 has a register version worth its code).
+  static inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < 16; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
   static inline float hsum(V v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

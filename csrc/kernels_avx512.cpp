@@ -30,6 +30,33 @@ struct Vec {
   static inline void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static inline void storen(float* p, V v, int n) { _mm512_mask_storeu_ps(p, mask(n), v); }
   static inline float hsum(V v) { return _mm512_reduce_add_ps(v); }
+  // 16 x 16 transpose in registers: unpack pairs of rows, then shuffle 2-float, 4-float and
+  // 8-float groups (64 shuffles for 256 elements).
+  static inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
+    V r[16], t[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+      r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int h = 0; h < 16; h += 8) {
+      for (int i = 0; i < 4; ++i) {
+        t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+        t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xDD);
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+  }
   // The 16 row sums of 16 accumulators in one shuffle tree (15 adds instead of 16 reductions).
   // After the four levels, element 4*L + m of r holds row 4*m + L, undone by one permute.
   template <int G>

@@ -1,8 +1,7 @@
 // The kernel bodies, written once over a vector type. Each ISA translation unit defines, inside
 // an anonymous namespace, `struct Vec` (V, W, zero, load, loadn, bcast, fma, add, relu, store,
-// storen, hsum, hsum_rows) and the register-blocking constants kMR, kMaxNV, kNR1, kNR2,
-// kGemvRows, then includes
-// this file. Everything here has internal linkage, so each unit gets its own copy compiled for
+// storen, hsum, hsum_rows, transpose16) and the register-blocking constants kMR, kMaxNV, kNR1,
+// kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit gets its own copy compiled for
 // its own target.
 //
 // Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
@@ -43,7 +42,8 @@ void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_va
     for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += MR) {
       V w[NV];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) w[v] = PARTIAL ? Vec::loadn(pp + v * W, nv[v]) : Vec::load(pp + v * W);
+      for (int v = 0; v < NV; ++v)
+        w[v] = PARTIAL ? Vec::loadn(pp + v * W, nv[v]) : Vec::load(pp + v * W);
 #pragma GCC unroll 32
       for (int i = 0; i < MR; ++i) {
         const V xb = Vec::bcast(aa + i);
@@ -54,7 +54,8 @@ void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_va
   }
 
   V bias[NV];
-  for (int v = 0; v < NV; ++v) bias[v] = a.bias ? Vec::loadn(a.bias + col0 + v * W, nv[v]) : Vec::zero();
+  for (int v = 0; v < NV; ++v)
+    bias[v] = a.bias ? Vec::loadn(a.bias + col0 + v * W, nv[v]) : Vec::zero();
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i) {
     if (i >= rows_valid) break;
@@ -122,7 +123,8 @@ void sddmm_tile(const SddmmArgs& a, int64_t n_base, int64_t nr, int64_t k_base, 
   for (int64_t b = 0; b < a.B; ++b, gp += a.N, xp += a.K) {
     V xv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) xv[v] = PARTIAL ? Vec::loadn(xp + v * W, nv[v]) : Vec::load(xp + v * W);
+    for (int v = 0; v < NV; ++v)
+      xv[v] = PARTIAL ? Vec::loadn(xp + v * W, nv[v]) : Vec::load(xp + v * W);
 #pragma GCC unroll 32
     for (int i = 0; i < NR; ++i) {
       if (FULL_ROWS || i < nr) {
@@ -255,4 +257,53 @@ void gemv(const GemvArgs& a, int64_t begin, int64_t end) {
   }
 }
 
-const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv};
+// ---------------------------------------------------------------- packing
+// Transposes a rows x cols tile (at most 16 x 16); full 16 x 16 tiles go through the ISA's
+// register transpose, which is several times faster than element-wise strided stores.
+inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows,
+                           int64_t cols) {
+  if (rows == 16 && cols == 16) {
+    Vec::transpose16(src, lds, dst, ldd);
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+void pack_panels(const float* a, int64_t rows, int64_t cols, float* out, int64_t begin,
+                 int64_t end) {
+  constexpr int64_t MR = kMR;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t rv = imin(MR, rows - p * MR);
+    const float* s = a + p * MR * cols;
+    float* o = out + p * cols * MR;
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t cw = imin(16, cols - c0);
+      if (MR == 16 && rv == 16) {
+        transpose_tile(s + c0, cols, o + c0 * MR, MR, 16, cw);
+        continue;
+      }
+      for (int64_t c = 0; c < cw; ++c) {
+        float* oc = o + (c0 + c) * MR;
+        for (int64_t i = 0; i < rv; ++i) oc[i] = s[i * cols + c0 + c];
+        for (int64_t i = rv; i < MR; ++i) oc[i] = 0.0f;
+      }
+    }
+  }
+}
+
+void transpose_blocks(const float* src, float* dst, int64_t bn, int64_t bk, int64_t begin,
+                      int64_t end) {
+  const int64_t bsz = bn * bk;
+  for (int64_t j = begin; j < end; ++j) {
+    const float* s = src + j * bsz;
+    float* d = dst + j * bsz;
+    for (int64_t n0 = 0; n0 < bn; n0 += 16)
+      for (int64_t k0 = 0; k0 < bk; k0 += 16)
+        transpose_tile(s + n0 * bk + k0, bk, d + k0 * bn + n0, bn, imin(16, bn - n0),
+                       imin(16, bk - k0));
+  }
+}
+
+const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv, &pack_panels,
+                            &transpose_blocks};

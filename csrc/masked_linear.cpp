@@ -31,6 +31,7 @@ struct TilePlan {
   at::Tensor nz;           // [TR, TC] bool: the tile has a non-zero mask entry
   int64_t count = 0;
   bool dense = true;       // take the dense GEMM route
+  bool ones = false;       // every mask entry is exactly 1: W * M is W itself
 };
 
 void check_mask(const at::Tensor& mask, int64_t bn, int64_t bk, int64_t N, int64_t K) {
@@ -51,6 +52,10 @@ TilePlan plan_tiles(const at::Tensor& mask, int64_t bn, int64_t bk, int64_t N, i
                     int64_t B) {
   TilePlan p;
   if (B == 0 || N == 0 || K == 0) return p;
+  // A hard mask at density 1.0 is all ones; then the dense route is exactly nn.Linear's GEMMs,
+  // with no pass over W to apply the mask.
+  p.ones = mask.eq(1).all().item<bool>();
+  if (p.ones) return p;
   const int64_t fr = bn >= 16 ? 1 : ceil_div(16, bn), fc = bk >= 16 ? 1 : ceil_div(16, bk);
   p.tn = bn * fr;
   p.tk = bk * fc;
@@ -142,7 +147,9 @@ at::Tensor pack_tiles(const at::Tensor& w, const at::Tensor& mask, int64_t bn, i
 }
 
 // W * M as a dense tensor, for the dense route only.
-at::Tensor masked_dense(const at::Tensor& w, const at::Tensor& mask, int64_t bn, int64_t bk) {
+at::Tensor masked_dense(const at::Tensor& w, const at::Tensor& mask, int64_t bn, int64_t bk,
+                        bool ones) {
+  if (ones) return w;
   const int64_t N = w.size(0), K = w.size(1);
   if (bn == 1 && bk == 1) return w * mask;
   const int64_t R = mask.size(0), C = mask.size(1);
@@ -174,7 +181,7 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), mc = mask.contiguous();
   const TilePlan p = plan_tiles(mc, bn, bk, N, K, B);
   if (p.dense) {
-    const at::Tensor w = masked_dense(wc, mc, bn, bk);
+    const at::Tensor w = masked_dense(wc, mc, bn, bk, p.ones);
     at::Tensor y = b.defined() ? at::addmm(b, xc, w.t()) : at::mm(xc, w.t());
     if (activation == 1) y.relu_();
     return y;
@@ -206,7 +213,7 @@ at::Tensor masked_linear_backward_input_cpu(const at::Tensor& grad, const at::Te
   check_mask(mask, bn, bk, N, K);
   const at::Tensor gc = grad.contiguous(), wc = weight.contiguous(), mc = mask.contiguous();
   const TilePlan p = plan_tiles(mc, bn, bk, N, K, B);
-  if (p.dense) return at::mm(gc, masked_dense(wc, mc, bn, bk));
+  if (p.dense) return at::mm(gc, masked_dense(wc, mc, bn, bk, p.ones));
   const TileList t = list_tiles(p, /*by_rows=*/false);
   const at::Tensor packed = pack_tiles(wc, mc, bn, bk, p, t, false, /*transposed=*/false);
   at::Tensor dx = at::empty({B, K}, grad.options());
@@ -235,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> masked_linear_backward_params_cpu(
   if (need_mask || p.dense) {
     // dM needs dy^T x at every weight (soft masks are never exactly zero): a dense GEMM.
     const at::Tensor G = at::mm(gc.t(), xc);
-    if (need_weight) dw = masked_dense(G, mc, bn, bk);
+    if (need_weight) dw = masked_dense(G, mc, bn, bk, p.ones);
     if (need_mask) {
       const at::Tensor gw = G * wc;
       if (bn == 1 && bk == 1) {

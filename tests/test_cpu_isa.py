@@ -130,13 +130,15 @@ def _masked_ref(x, weight, m_elem, bias):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("density", [0.25, 1.0])  # the sparse route and the dense route
 @pytest.mark.parametrize("granularity", ["block", "element"])
-def test_masked_linear_path(isa: str, shape, density: float, granularity: str) -> None:
+@pytest.mark.parametrize("soft", [True, False], ids=["soft", "hard"])
+def test_masked_linear_path(isa: str, shape, density: float, granularity: str,
+                            soft: bool) -> None:
     n, k, b, block = shape
     bn, bk = block if granularity == "block" else (1, 1)
     grid = (math.ceil(n / bn), math.ceil(k / bk))
-    # soft mask values in (0, 1], zero outside the kept blocks
     keep = torch.rand(grid) < density if density < 1 else torch.ones(grid, dtype=torch.bool)
-    mask = torch.rand(grid).clamp_min(0.05) * keep
+    # soft: values in (0, 1], zero outside the kept blocks; hard: 0/1 (all ones at density 1)
+    mask = torch.rand(grid).clamp_min(0.05) * keep if soft else keep.float()
     m_elem = expand_block_mask(mask, (bn, bk), n, k)
     weight = torch.randn(n, k) / math.sqrt(k)
     x, bias, g = torch.randn(b, k), torch.randn(n), torch.randn(b, n)
