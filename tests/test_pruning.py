@@ -300,7 +300,9 @@ def test_bad_configuration_raises() -> None:
                "block", BLOCK)
 
 
-def test_non_finite_loss_raises_with_step_and_restores_weights() -> None:
+@pytest.mark.parametrize(("method", "phase"), [("learned", "learned transition"),
+                                             ("gmp", "gmp transition")])
+def test_non_finite_loss_raises_with_step_and_restores_weights(method: str, phase: str) -> None:
     model = odd_mlp()
     calls = []
 
@@ -309,11 +311,12 @@ def test_non_finite_loss_raises_with_step_and_restores_weights() -> None:
         loss = mse(m, batch)
         return loss * math.inf if len(calls) == 4 else loss
 
-    pruner = Pruner(model, 0.3, "learned", "block", BLOCK)
+    pruner = Pruner(model, 0.3, method, "block", BLOCK)
     pruner.prune(regression_data(model), mse, steps=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     thresholds = pruner.thresholds.thresholds()
-    with pytest.raises(FloatingPointError, match="step 3 of the learned transition"):
+    calls.clear()
+    with pytest.raises(FloatingPointError, match=f"step 3 of the {phase}"):
         pruner.prune(regression_data(model), exploding, steps=10)
     assert pruner.thresholds.thresholds() == thresholds
     for k, v in model.state_dict().items():

@@ -11,7 +11,8 @@ caller's optimizer (only the pruned layers get gradients, so it updates nothing 
 state for those layers moves on); without one a fresh ``Adam(lr)`` over the pruned layers'
 weights and biases is used and thrown away. Apart from those weights and biases (and the mask of
 a pruned ``SparseLinear``), the model is left exactly as it was: other parameters, their
-gradients and ``requires_grad`` flags, buffers and the modules themselves.
+gradients and ``requires_grad`` flags, buffers and the modules themselves. Transitions run in
+the model's current mode (``train()``/``eval()``), which the pruner does not change.
 """
 
 from __future__ import annotations
