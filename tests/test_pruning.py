@@ -322,3 +322,26 @@ def test_non_finite_loss_raises_with_step_and_restores_weights(method: str, phas
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)
+
+
+def test_bench_pruning_quick_mode_runs() -> None:
+    """The benchmark's smoke mode end to end (guards it against API drift)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_pruning.py"
+    spec = importlib.util.spec_from_file_location("bench_pruning", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_pruning"] = bench  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(bench)
+    finally:
+        sys.modules.pop("bench_pruning", None)
+    out = bench.main(["--quick", "--methods", "uniform", "learned", "--granularities", "element"])
+    assert {(r["method"], r["density"]) for r in out["results"]} == {
+        (m, d) for m in ("uniform", "learned") for d in (0.25, 0.05)}
+    for r in out["results"]:
+        total = 64 * 256 + 256 * 256 + 256 * 128  # the hidden layers' weights
+        assert abs(r["achieved"] - r["density"]) <= 1 / total  # one element
+        assert math.isfinite(r["ne"]) and 0 < r["ne"] < 2
