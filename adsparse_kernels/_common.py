@@ -34,6 +34,10 @@ def next_pow2(n: int) -> int:
     return int(triton.next_power_of_2(max(int(n), 1)))
 
 
+# The kernels are jitted with do_not_specialize=["B"]: the batch only bounds masks and loops,
+# and specialising on its divisibility by 16 would compile again for ragged batch sizes.
+
+
 def bucket(n: int) -> int:
     """Power-of-two bucket of a batch size, used as an autotune key.
 

@@ -50,7 +50,8 @@ def _row_configs() -> list[triton.Config]:
 
     # Output tiles are BLOCK_M x bn; the stored blocks of a row are few (density x K / bk), so
     # the tile height and the pipelining depth are what matter.
-    tuned = [cfg(32, 4, 4), cfg(64, 4, 3), cfg(64, 8, 4), cfg(128, 4, 3), cfg(128, 8, 3)]
+    tuned = [cfg(32, 4, 4), cfg(64, 4, 3), cfg(64, 8, 4), cfg(128, 4, 3), cfg(128, 8, 3),
+             cfg(256, 8, 3)]
     return configs(tuned, [cfg(64), cfg(32)], [cfg(16, 4, 1)])
 
 
@@ -65,7 +66,7 @@ _ROW_KEY = ["B_BUCKET", "N", "K", "bn", "bk", "HAS_BIAS", "ACT"]
 
 @triton.autotune(configs=_row_configs(), key=_ROW_KEY,
                  prune_configs_by={"early_config_prune": _prune_row_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _bsr_linear_fwd_kernel(
     x_ptr, values_ptr, row_offsets_ptr, col_indices_ptr, bias_ptr, y_ptr,
     B, N, K, NNZB, NUM_ROWS, NUM_COLS, stride_x, stride_y, B_BUCKET,
@@ -112,7 +113,7 @@ def _bsr_linear_fwd_kernel(
 
 @triton.autotune(configs=_row_configs(), key=["B_BUCKET", "N", "K", "bn", "bk"],
                  prune_configs_by={"early_config_prune": _prune_row_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _bsr_linear_bwd_input_kernel(
     grad_ptr, values_ptr, t_row_offsets_ptr, t_col_indices_ptr, t_block_ids_ptr, dx_ptr,
     B, N, K, NNZB, NUM_ROWS, NUM_COLS, stride_g, stride_dx, B_BUCKET,
@@ -168,7 +169,7 @@ def _prune_block_configs(cfgs, named_args, **kwargs):
 
 @triton.autotune(configs=_block_configs(), key=["B_BUCKET", "N", "K", "bn", "bk"],
                  prune_configs_by={"early_config_prune": _prune_block_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _bsr_linear_bwd_weight_kernel(
     grad_ptr, x_ptr, row_offsets_ptr, col_indices_ptr, dvalues_ptr,
     B, N, K, NUM_ROWS, NUM_COLS, LOG_ROWS, stride_g, stride_x, B_BUCKET,
@@ -261,8 +262,9 @@ def bsr_linear(
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
     if b == 0 or n == 0:
         return y
-    x = x.contiguous()
-    values = values.contiguous()
+    # The kernels walk every operand through raw pointers: views must be made dense first.
+    x, values = x.contiguous(), values.contiguous()
+    row_offsets, col_indices = row_offsets.contiguous(), col_indices.contiguous()
     bias_arg = bias.contiguous() if bias is not None else x
 
     def grid(cfg):
@@ -303,8 +305,9 @@ def bsr_linear_backward_input(
     dx = torch.empty(b, k, dtype=grad.dtype, device=grad.device)
     if b == 0 or k == 0:
         return dx
-    grad = grad.contiguous()
-    values = values.contiguous()
+    grad, values = grad.contiguous(), values.contiguous()
+    t_row_offsets, t_col_indices = t_row_offsets.contiguous(), t_col_indices.contiguous()
+    t_block_ids = t_block_ids.contiguous()
 
     def grid(cfg):
         return (cols * triton.cdiv(b, cfg["BLOCK_M"]),)
@@ -344,8 +347,8 @@ def bsr_linear_backward_weight(
     if nnzb == 0 or b == 0:
         return torch.zeros(nnzb, bn, bk, dtype=grad.dtype, device=grad.device)
     dvalues = torch.empty(nnzb, bn, bk, dtype=grad.dtype, device=grad.device)
-    grad = grad.contiguous()
-    x = x.contiguous()
+    grad, x = grad.contiguous(), x.contiguous()
+    row_offsets, col_indices = row_offsets.contiguous(), col_indices.contiguous()
     with device_guard(grad):
         _bsr_linear_bwd_weight_kernel[(nnzb,)](
             grad, x, row_offsets, col_indices, dvalues,

@@ -67,7 +67,7 @@ def _load_mask(mask_ptr, rn, rk, N, K, MASK_COLS, bn: tl.constexpr, bk: tl.const
 @triton.autotune(configs=_tile_configs("BLOCK_N", "BLOCK_K"),
                  key=["B_BUCKET", "N", "K", "bn", "bk", "HAS_BIAS", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_tiles})
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _masked_linear_fwd_kernel(
     x_ptr, w_ptr, mask_ptr, bias_ptr, y_ptr,
     B, N, K, MASK_COLS, stride_x, stride_w, stride_y, B_BUCKET,
@@ -107,7 +107,7 @@ def _masked_linear_fwd_kernel(
 @triton.autotune(configs=_tile_configs("BLOCK_K", "BLOCK_N"),
                  key=["B_BUCKET", "N", "K", "bn", "bk"],
                  prune_configs_by={"early_config_prune": _prune_tiles})
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _masked_linear_bwd_input_kernel(
     grad_ptr, w_ptr, mask_ptr, dx_ptr,
     B, N, K, MASK_COLS, stride_g, stride_w, stride_dx, B_BUCKET,
@@ -124,7 +124,7 @@ def _masked_linear_bwd_input_kernel(
     k_ok = rk < K
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)  # rn * stride_w can pass 2**31
         m = _load_mask(mask_ptr, rn, rk, N, K, MASK_COLS, bn, bk)
         if tl.max(tl.abs(m)) > 0:
             n_ok = rn < N
@@ -162,7 +162,7 @@ def _prune_param_configs(cfgs, named_args, **kwargs):
 @triton.autotune(configs=_param_configs(),
                  key=["B_BUCKET", "N", "K", "bn", "bk", "NEED_WEIGHT", "NEED_MASK"],
                  prune_configs_by={"early_config_prune": _prune_param_configs})
-@triton.jit
+@triton.jit(do_not_specialize=["B"])
 def _masked_linear_bwd_params_kernel(
     grad_ptr, x_ptr, w_ptr, mask_ptr, dw_ptr, dm_ptr,
     B, N, K, MASK_ROWS, MASK_COLS, stride_g, stride_x, stride_w, B_BUCKET,

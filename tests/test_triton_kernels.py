@@ -209,6 +209,39 @@ def check_bsr_empty_and_corrupt_index():
     _close(y, ref, (x @ w.with_values(kept).to_dense().T), "corrupt index output")
 
 
+@check
+def check_views_are_read_through_strides():
+    """Non-contiguous operands and index views give the same results as dense copies."""
+    import adsparse_kernels as ak
+
+    n, k, b = 37, 45, 5
+    w = _bsr_weight(n, k, (16, 16))
+    x = torch.randn(k, 2 * b).t()[::2]  # [b, k], strided both ways
+    g = torch.randn(n, b).t()
+    spread = {name: torch.stack([t, t], 1)[:, 0] for name, t in
+              (("ro", w.row_offsets), ("ci", w.col_indices), ("tro", w.t_row_offsets),
+               ("tci", w.t_col_indices), ("tb", w.t_block_ids))}
+    assert not x.is_contiguous() and not spread["ci"].is_contiguous()
+    pairs = [
+        (ak.bsr_linear(x, w.values, spread["ro"], spread["ci"], spread["tro"], spread["tci"],
+                       spread["tb"], None, n, 1),
+         ak.bsr_linear(x.contiguous(), w.values, w.row_offsets, w.col_indices, w.t_row_offsets,
+                       w.t_col_indices, w.t_block_ids, None, n, 1)),
+        (ak.bsr_linear_backward_input(g, w.values, spread["tro"], spread["tci"], spread["tb"], k),
+         ak.bsr_linear_backward_input(g.contiguous(), w.values, w.t_row_offsets,
+                                      w.t_col_indices, w.t_block_ids, k)),
+        (ak.bsr_linear_backward_weight(g, x, spread["ro"], spread["ci"], 16, 16),
+         ak.bsr_linear_backward_weight(g.contiguous(), x.contiguous(), w.row_offsets,
+                                       w.col_indices, 16, 16)),
+    ]
+    weight, mask = torch.randn(k, n).t(), torch.rand(k, n).t()
+    pairs.append((ak.masked_linear(x, weight, mask, None, 1, 1, 0),
+                  ak.masked_linear(x.contiguous(), weight.contiguous(), mask.contiguous(), None,
+                                   1, 1, 0)))
+    for i, (got, want) in enumerate(pairs):
+        assert torch.equal(got, want), f"case {i}: a view was not read through its strides"
+
+
 # --------------------------------------------------------------------------- masked_linear
 def _masked_case(n: int, k: int, b: int, block: tuple[int, int] | None, soft: bool, bias: bool,
                  activation: str | None, dtype: torch.dtype = torch.float32) -> None:
