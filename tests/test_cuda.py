@@ -144,7 +144,7 @@ def test_bsr_linear_cuda_no_bias_no_act() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_bsr_linear_cuda_benchmark_shape(dtype: torch.dtype) -> None:
-    """The benchmark's kind of shape (density 0.1, block 64), tall batch, tuned configs."""
+    """The benchmark's kind of shape (density 0.1, block 64) with a tall batch."""
     _bsr_case(1024, 1024, 512, (64, 64), dtype, density=0.1)
 
 
