@@ -19,20 +19,41 @@ int64_t grain_for(double fmas_per_item) {
   return std::max<int64_t>(1, static_cast<int64_t>(kMinTaskFmas / fmas_per_item));
 }
 
-}  // namespace
+int64_t ceil_panels(int64_t rows, int64_t mr) { return (rows + mr - 1) / mr; }
 
-at::Tensor pack_panels(const KernelTable& kt, const at::Tensor& a) {
-  const int64_t rows = a.size(0), cols = a.size(1), mr = kt.panel_rows;
-  const int64_t P = (rows + mr - 1) / mr;
-  at::Tensor out = at::empty({P, cols, mr}, a.options());
+// One scratch panel per thread; at::parallel_for tasks learn their thread from get_thread_num.
+void run_spmm(const KernelTable& kt, const SpmmArgs& a, int64_t items, int64_t grain) {
+  const int64_t panel = std::max<int64_t>(a.a_cols * kt.panel_rows, 1);
+  at::Tensor ws = at::empty({at::get_num_threads(), panel}, at::kFloat);
+  float* wp = ws.data_ptr<float>();
+  at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
+    kt.spmm(a, wp + at::get_thread_num() * panel, b, e);
+  });
+}
+
+// a [rows][cols] -> [ceil(cols/w)][rows][w], zero-padded past cols: block column c of a with
+// its rows contiguous.
+at::Tensor pack_block_columns(const at::Tensor& a, int64_t w) {
+  const int64_t rows = a.size(0), cols = a.size(1), C = (cols + w - 1) / w;
+  at::Tensor out = at::empty({C, rows, w}, a.options());
   const float* src = a.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(1, mr * cols));
-  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
-    kt.pack_panels(src, rows, cols, dst, p0, p1);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(rows * w, 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t cv = std::min(w, cols - c * w);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* s = src + r * cols + c * w;
+        float* d = dst + (c * rows + r) * w;
+        std::copy(s, s + cv, d);
+        std::fill(d + cv, d + w, 0.0f);
+      }
+    }
   });
   return out;
 }
+
+}  // namespace
 
 at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values) {
   const int64_t nnzb = values.size(0), bn = values.size(1), bk = values.size(2);
@@ -50,9 +71,8 @@ void forward_spmm(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
                   const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
                   const float* bias, int relu, at::Tensor& y) {
   const int64_t B = x.size(0), K = x.size(1);
-  at::Tensor xp = pack_panels(kt, x);
   SpmmArgs a;
-  a.ap = xp.data_ptr<float>();
+  a.a = x.data_ptr<float>();
   a.rows = B;
   a.a_cols = K;
   a.panel = wt.data_ptr<float>();
@@ -68,11 +88,11 @@ void forward_spmm(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
   a.relu = relu;
   a.out = y.data_ptr<float>();
   a.out_cols = y.size(1);
-  const int64_t items = xp.size(0) * R;
+  const int64_t items = ceil_panels(B, kt.panel_rows) * R;
   const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
                           static_cast<double>(wt.size(0)) /
                           static_cast<double>(std::max<int64_t>(R, 1));
-  at::parallel_for(0, items, grain_for(per_item), [&](int64_t b, int64_t e) { kt.spmm(a, b, e); });
+  run_spmm(kt, a, items, grain_for(per_item));
 }
 
 void forward_gemv(const KernelTable& kt, const at::Tensor& x, const at::Tensor& values,
@@ -101,9 +121,8 @@ void backward_input_spmm(const KernelTable& kt, const at::Tensor& g, const at::T
                          const int64_t* t_offsets, const int64_t* t_rows, const int64_t* t_ids,
                          int64_t C, at::Tensor& dx) {
   const int64_t B = g.size(0), N = g.size(1);
-  at::Tensor gp = pack_panels(kt, g);
   SpmmArgs a;
-  a.ap = gp.data_ptr<float>();
+  a.a = g.data_ptr<float>();
   a.rows = B;
   a.a_cols = N;
   a.panel = values.data_ptr<float>();
@@ -119,19 +138,20 @@ void backward_input_spmm(const KernelTable& kt, const at::Tensor& g, const at::T
   a.relu = 0;
   a.out = dx.data_ptr<float>();
   a.out_cols = dx.size(1);
-  const int64_t items = gp.size(0) * C;
+  const int64_t items = ceil_panels(B, kt.panel_rows) * C;
   const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
                           static_cast<double>(values.size(0)) /
                           static_cast<double>(std::max<int64_t>(C, 1));
-  at::parallel_for(0, items, grain_for(per_item), [&](int64_t b, int64_t e) { kt.spmm(a, b, e); });
+  run_spmm(kt, a, items, grain_for(per_item));
 }
 
 void backward_weight_sddmm(const KernelTable& kt, const at::Tensor& g, const at::Tensor& x,
                            const int64_t* block_row, const int64_t* block_col, int64_t nnzb,
                            int64_t bn, int64_t bk, at::Tensor& dv) {
+  const at::Tensor gp = pack_block_columns(g, bn), xp = pack_block_columns(x, bk);
   SddmmArgs a;
-  a.g = g.data_ptr<float>();
-  a.x = x.data_ptr<float>();
+  a.g = gp.data_ptr<float>();
+  a.x = xp.data_ptr<float>();
   a.B = g.size(0);
   a.N = g.size(1);
   a.K = x.size(1);

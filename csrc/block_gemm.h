@@ -12,10 +12,6 @@ namespace adsparse {
 // and transposing the blocks would cost about as much as the product itself.
 constexpr int64_t kGemvMaxBatch = 3;
 
-// a [rows, cols] -> [ceil(rows/mr), cols, mr]: each panel holds mr rows interleaved by column so
-// the micro-kernel broadcasts them from one pointer; missing rows of the last panel are zero.
-at::Tensor pack_panels(const KernelTable& kt, const at::Tensor& a);
-
 // [nnzb, bn, bk] -> [nnzb, bk, bn]: the forward loads one row of W^T per depth step.
 at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values);
 

@@ -13,7 +13,7 @@ namespace adsparse {
 // blocks [bk][bn], block-columns of out = block rows of W) and by the input gradient (A = dy,
 // panel = W blocks [bn][bk] through the transposed index).
 struct SpmmArgs {
-  const float* ap;             // A packed in panels: [ceil(rows/MR)][a_cols][MR], zero-padded rows
+  const float* a;              // A [rows][a_cols]; each task packs its panels of MR rows itself
   int64_t rows;                // rows of A and out (the batch)
   int64_t a_cols;              // columns of A
   const float* panel;          // packed blocks
@@ -32,9 +32,12 @@ struct SpmmArgs {
 };
 
 // dv[j] = dy[:, rows(j)]^T @ x[:, cols(j)] for every stored block j (sampled dense-dense).
+// dy and x come packed by block: the batch then streams sequentially through each block's
+// operands (in [B][N] layout every batch row of a block is a new page, which the hardware
+// prefetchers do not follow, and the kernel waits on L3 for each row).
 struct SddmmArgs {
-  const float* g;              // [B][N]
-  const float* x;              // [B][K]
+  const float* g;              // dy packed [ceil(N/bn)][B][bn], zero-padded past N
+  const float* x;              // x packed [ceil(K/bk)][B][bk], zero-padded past K
   int64_t B, N, K, bn, bk;
   const int64_t* block_row;    // block row of each stored block
   const int64_t* block_col;    // block column of each stored block
@@ -58,13 +61,10 @@ struct KernelTable {
   int panel_rows;  // MR: rows of A per packed panel for spmm
   // Each runs items [begin, end): spmm items are (panel, out block-column) pairs, panel-major;
   // sddmm items are stored blocks; gemv items are block rows of W.
-  void (*spmm)(const SpmmArgs&, int64_t begin, int64_t end);
+  // `ws` is the calling thread's scratch of a_cols * MR floats for one packed panel.
+  void (*spmm)(const SpmmArgs&, float* ws, int64_t begin, int64_t end);
   void (*sddmm)(const SddmmArgs&, int64_t begin, int64_t end);
   void (*gemv)(const GemvArgs&, int64_t begin, int64_t end);
-  // a [rows][cols] -> panels [ceil(rows/MR)][cols][MR], zero rows past `rows`; panels
-  // [begin, end).
-  void (*pack_panels)(const float* a, int64_t rows, int64_t cols, float* out, int64_t begin,
-                      int64_t end);
   // Blocks [begin, end) of src [nnzb][bn][bk] -> dst [nnzb][bk][bn].
   void (*transpose_blocks)(const float* src, float* dst, int64_t bn, int64_t bk, int64_t begin,
                            int64_t end);

@@ -1,8 +1,8 @@
 // The kernel bodies, written once over a vector type. Each ISA translation unit defines, inside
 // an anonymous namespace, `struct Vec` (V, W, zero, load, loadn, bcast, fma, add, relu, store,
 // storen, hsum, hsum_rows, transpose16) and the register-blocking constants kMR, kMaxNV, kNR1,
-// kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit gets its own copy compiled for
-// its own target.
+// kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit
+// gets its own copy compiled for its own target.
 //
 // Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
 // every depth step loads NV vectors of the packed block once and broadcasts MR values of A, so a
@@ -73,11 +73,20 @@ void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_va
   }
 }
 
-void spmm(const SpmmArgs& a, int64_t begin, int64_t end) {
+void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o);
+
+// Items are panel-major, so a task packs each of its panels once into `ws` (a_cols x MR floats,
+// L2-resident) right before using it, instead of packing all of A into a buffer as large as A.
+void spmm(const SpmmArgs& a, float* ws, int64_t begin, int64_t end) {
   constexpr int W = Vec::W;
+  int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
-    const float* ap = a.ap + p * a.a_cols * kMR;
+    if (p != packed) {
+      pack_panel(a.a, a.rows, a.a_cols, p, ws);
+      packed = p;
+    }
+    const float* ap = ws;
     const int64_t row0 = p * kMR;
     const int64_t rows_valid = imin(kMR, a.rows - row0);
     const int64_t cbase = ob * a.width_block;
@@ -106,7 +115,7 @@ void spmm(const SpmmArgs& a, int64_t begin, int64_t end) {
 // One tile: NR rows of the block (broadcast from dy) x NV vectors of its columns (loaded from x),
 // summed over the whole batch. FULL_ROWS lets the common case drop the row guard.
 template <int NV, bool PARTIAL, bool FULL_ROWS>
-void sddmm_tile(const SddmmArgs& a, int64_t n_base, int64_t nr, int64_t k_base, int64_t wv,
+void sddmm_tile(const SddmmArgs& a, const float* gp, int64_t nr, const float* xp, int64_t wv,
                 float* dst) {
   using V = typename Vec::V;
   constexpr int NR = NV == 1 ? kNR1 : kNR2;
@@ -118,9 +127,7 @@ void sddmm_tile(const SddmmArgs& a, int64_t n_base, int64_t nr, int64_t k_base, 
     for (int v = 0; v < NV; ++v) acc[i][v] = Vec::zero();
   int nv[NV];
   for (int v = 0; v < NV; ++v) nv[v] = clamp_width(wv - v * W);
-  const float* gp = a.g + n_base;
-  const float* xp = a.x + k_base;
-  for (int64_t b = 0; b < a.B; ++b, gp += a.N, xp += a.K) {
+  for (int64_t b = 0; b < a.B; ++b, gp += a.bn, xp += a.bk) {
     V xv[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
@@ -149,15 +156,15 @@ void sddmm_tile(const SddmmArgs& a, int64_t n_base, int64_t nr, int64_t k_base, 
 }
 
 template <int NV, bool PARTIAL>
-void sddmm_rows(const SddmmArgs& a, int64_t n0, int64_t nvalid, int64_t k_base, int64_t wv,
+void sddmm_rows(const SddmmArgs& a, const float* gblk, int64_t nvalid, const float* xp, int64_t wv,
                 float* dst) {
   constexpr int NR = NV == 1 ? kNR1 : kNR2;
   for (int64_t n = 0; n < nvalid; n += NR) {
     const int64_t nr = imin(NR, nvalid - n);
     if (nr == NR) {
-      sddmm_tile<NV, PARTIAL, true>(a, n0 + n, nr, k_base, wv, dst + n * a.bk);
+      sddmm_tile<NV, PARTIAL, true>(a, gblk + n, nr, xp, wv, dst + n * a.bk);
     } else {
-      sddmm_tile<NV, PARTIAL, false>(a, n0 + n, nr, k_base, wv, dst + n * a.bk);
+      sddmm_tile<NV, PARTIAL, false>(a, gblk + n, nr, xp, wv, dst + n * a.bk);
     }
   }
 }
@@ -168,6 +175,8 @@ void sddmm(const SddmmArgs& a, int64_t begin, int64_t end) {
   for (int64_t j = begin; j < end; ++j) {
     const int64_t n0 = a.block_row[j] * a.bn, k0 = a.block_col[j] * a.bk;
     const int64_t nvalid = imin(a.bn, a.N - n0), kvalid = imin(a.bk, a.K - k0);
+    const float* gblk = a.g + a.block_row[j] * a.B * a.bn;
+    const float* xblk = a.x + a.block_col[j] * a.B * a.bk;
     float* dvj = a.dv + j * bsz;
     if (nvalid < a.bn || kvalid < a.bk) {
       for (int64_t e = 0; e < bsz; ++e) dvj[e] = 0.0f;  // padding of tail blocks stays zero
@@ -176,16 +185,16 @@ void sddmm(const SddmmArgs& a, int64_t begin, int64_t end) {
     while (c0 < kvalid) {
       const int64_t rem = kvalid - c0;
       if (rem >= 2 * W) {
-        sddmm_rows<2, false>(a, n0, nvalid, k0 + c0, 2 * W, dvj + c0);
+        sddmm_rows<2, false>(a, gblk, nvalid, xblk + c0, 2 * W, dvj + c0);
         c0 += 2 * W;
       } else if (rem > W) {
-        sddmm_rows<2, true>(a, n0, nvalid, k0 + c0, rem, dvj + c0);
+        sddmm_rows<2, true>(a, gblk, nvalid, xblk + c0, rem, dvj + c0);
         c0 = kvalid;
       } else if (rem == W) {
-        sddmm_rows<1, false>(a, n0, nvalid, k0 + c0, W, dvj + c0);
+        sddmm_rows<1, false>(a, gblk, nvalid, xblk + c0, W, dvj + c0);
         c0 = kvalid;
       } else {
-        sddmm_rows<1, true>(a, n0, nvalid, k0 + c0, rem, dvj + c0);
+        sddmm_rows<1, true>(a, gblk, nvalid, xblk + c0, rem, dvj + c0);
         c0 = kvalid;
       }
     }
@@ -270,27 +279,26 @@ inline void transpose_tile(const float* src, int64_t lds, float* dst, int64_t ld
     for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
-void pack_panels(const float* a, int64_t rows, int64_t cols, float* out, int64_t begin,
-                 int64_t end) {
+// Panel p of a [rows][cols] as [cols][MR] (rows past `rows` zero): the micro-kernel then
+// broadcasts the MR values of one column from one pointer.
+void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o) {
   constexpr int64_t MR = kMR;
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t rv = imin(MR, rows - p * MR);
-    const float* s = a + p * MR * cols;
-    float* o = out + p * cols * MR;
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const int64_t cw = imin(16, cols - c0);
-      if (MR == 16 && rv == 16) {
-        transpose_tile(s + c0, cols, o + c0 * MR, MR, 16, cw);
-        continue;
-      }
-      for (int64_t c = 0; c < cw; ++c) {
-        float* oc = o + (c0 + c) * MR;
-        for (int64_t i = 0; i < rv; ++i) oc[i] = s[i * cols + c0 + c];
-        for (int64_t i = rv; i < MR; ++i) oc[i] = 0.0f;
-      }
+  const int64_t rv = imin(MR, rows - p * MR);
+  const float* s = a + p * MR * cols;
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const int64_t cw = imin(16, cols - c0);
+    if (MR == 16 && rv == 16) {
+      transpose_tile(s + c0, cols, o + c0 * MR, MR, 16, cw);
+      continue;
+    }
+    for (int64_t c = 0; c < cw; ++c) {
+      float* oc = o + (c0 + c) * MR;
+      for (int64_t i = 0; i < rv; ++i) oc[i] = s[i * cols + c0 + c];
+      for (int64_t i = rv; i < MR; ++i) oc[i] = 0.0f;
     }
   }
 }
+
 
 void transpose_blocks(const float* src, float* dst, int64_t bn, int64_t bk, int64_t begin,
                       int64_t end) {
@@ -305,5 +313,4 @@ void transpose_blocks(const float* src, float* dst, int64_t bn, int64_t bk, int6
   }
 }
 
-const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv, &pack_panels,
-                            &transpose_blocks};
+const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv, &transpose_blocks};
