@@ -98,6 +98,8 @@ def _parser() -> _Parser:
                      help="save at every period end; rerun the same command to resume")
     run.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    run.add_argument("--threads", type=_positive_int, default=exp.threads,
+                     help="torch threads per process (default 1: fastest on a shared machine)")
     run.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench = sub.add_parser("bench", help="run a benchmark of benchmarks/")
@@ -159,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
                      periods=args.periods, samples_per_period=args.samples_per_period,
                      batch_size=args.batch_size, max_table_rows=args.max_table_rows,
                      checkpoint_dir=args.checkpoint_dir,
-                     nproc=args.nproc, progress=not args.no_progress)
+                     nproc=args.nproc, threads=args.threads, progress=not args.no_progress)
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     start = time.perf_counter()
     results = run_experiment(exp)

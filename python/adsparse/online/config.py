@@ -13,24 +13,29 @@ KINDS = ("dense", "prune_once", "d2s", "ad2s")
 class OnlineConfig:
     """Everything that decides the numbers of a run (checkpoints refuse a different one).
 
-    The ad2s defaults were tuned on the default synthetic stream (see benchmarks/RESULTS.md);
-    intervals count *windows* of ``window_batches`` mini-batches so they mean the same thing
-    whatever the period length.
+    ad2s intervals count *windows* of ``window_batches`` mini-batches; with the default stream
+    (64 batches a period) a window is a quarter period, so regenerations are at least one and
+    at most eight periods apart.
     """
 
     density: float = 0.1
     block_size: tuple[int, int] = (16, 16)
     pruner: str = "learned"  # the pruner of prune_once and d2s; ad2s always uses "learned"
-    prune_steps: int = 60  # optimisation steps of one pruning transition
-    buffer_batches: int = 24  # recent mini-batches kept for the transition
-    lr: float = 1e-3
+    prune_steps: int = 100  # optimisation steps of one pruning transition
+    buffer_batches: int = 64  # recent mini-batches kept for the transition (a period)
+    # Epochs over the buffer that a new sparse model trains, pattern fixed, before it serves.
+    # Off: on the default stream 1 epoch changed d2s (r=1) from +2.67% to +2.58% NE and
+    # 3 epochs overfitted the recent batches (+20%); see benchmarks/RESULTS.md.
+    finetune_epochs: int = 0
+    lr: float = 3e-3
     warmup_periods: int = 1
     r: int = 1  # d2s regeneration interval, in periods
-    window_batches: int = 25  # ad2s: NE gap and mask drift are measured per window
-    ne_tolerance: float = 0.003  # ad2s: regenerate when (NE_sparse - NE_dense)/NE_dense exceeds
-    drift_bound: float = 0.25  # ad2s: ... or when this share of the serving mask would change
-    min_interval: int = 2  # ad2s: windows between regenerations, at least ...
-    max_interval: int = 40  # ... and at most
+    window_batches: int = 16  # ad2s: NE gap and mask drift are measured per window
+    ne_tolerance: float = 0.005  # ad2s: regenerate when (NE_sparse - NE_dense)/NE_dense exceeds
+    # this and the gap a fresh sparse model showed (see AD2SStrategy)
+    drift_bound: float = 0.35  # ad2s: ... or when this share of the serving mask would change
+    min_interval: int = 4  # ad2s: windows between regenerations, at least ...
+    max_interval: int = 32  # ... and at most
     device: str = "cpu"
     seed: int = 0
     strategies: list[str] = field(default_factory=lambda: list(KINDS))
@@ -46,6 +51,8 @@ class OnlineConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if len(self.block_size) != 2 or min(self.block_size) < 1:
             raise ValueError(f"block size must be two positive ints, got {self.block_size}")
+        if self.finetune_epochs < 0:
+            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         for name in ("prune_steps", "buffer_batches", "r", "window_batches", "min_interval",
                      "max_interval"):
             if getattr(self, name) < 1:
