@@ -18,6 +18,16 @@ TINY = ["run", "--periods", "3", "--samples-per-period", "256", "--batch-size", 
         "--max-table-rows", "40", "--prune-steps", "2", "--no-progress", "--seed", "5"]
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """``main`` sets the torch thread count (``--threads``); keep it from leaking into others."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "adsparse.cli", *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=600)
