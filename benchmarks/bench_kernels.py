@@ -194,15 +194,15 @@ def bench_masked(n: int, k: int, batch: int, block: int, density: float, budget:
 
 
 def fmt_row(r: Row) -> str:
-    sparse = f"{r.sparse_ms:9.3f}" if r.sparse_ms is not None else f"{'-':>9}"
-    vs_sparse = f"{r.vs_sparse:7.2f}x" if r.vs_sparse is not None else f"{'-':>8}"
+    sparse = f"{r.sparse_ms:11.3f}" if r.sparse_ms is not None else f"{'-':>11}"
+    vs_sparse = f"{r.vs_sparse:9.2f}x" if r.vs_sparse is not None else f"{'-':>10}"
     return (f"{r.kind:<15}{r.n:>5}x{r.k:<5}{r.batch:>5}{r.block:>4}{r.density:>6.2f}"
             f"{r.ours_ms:>10.3f}{r.dense_ms:>10.3f}{sparse}{r.vs_dense:>8.2f}x{vs_sparse}"
             f"{r.ours_gflops:>9.1f}{r.dense_gflops:>9.1f}{r.vs_dense_min:>8.2f}x")
 
 
 HEADER = (f"{'kind':<15}{'N':>5}x{'K':<5}{'B':>5}{'blk':>4}{'dens':>6}{'ours ms':>10}"
-          f"{'dense ms':>10}{'sparse ms':>9}{'vs dense':>9}{'vs sparse':>8}"
+          f"{'dense ms':>10}{'sparse ms':>11}{'vs dense':>9}{'vs sparse':>10}"
           f"{'eff GF/s':>9}{'MKL GF/s':>9}{'min/min':>9}")
 
 
