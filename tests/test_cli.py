@@ -121,3 +121,31 @@ def test_bench_runs_the_benchmark_file(tmp_path, monkeypatch, capsys):
     assert "ran ['--x', '1']" in capsys.readouterr().out
     assert main(["bench", "kernels"]) == 2  # missing file: one-line error
     assert cli._load_benchmark("serving").__file__ == str(bench / "bench_serving.py")
+
+
+def test_run_on_criteo_files(tmp_path, capsys):
+    import gzip
+    import random
+
+    rng = random.Random(7)
+    paths = []
+    for day in range(3):
+        lines = []
+        for _ in range(150):
+            ints = [str(rng.randint(0, 60)) if rng.random() > 0.1 else "" for _ in range(13)]
+            cats = [f"{rng.randint(0, 300):08x}" if rng.random() > 0.1 else "" for _ in range(26)]
+            lines.append("\t".join([str(int(rng.random() < 0.25)), *ints, *cats]))
+        lines.insert(40, "not\ta\tcriteo\trow")  # malformed: skipped and counted, not fatal
+        path = tmp_path / f"day_{day}.gz"
+        with gzip.open(path, "wt") as f:
+            f.write("\n".join(lines) + "\n")
+        paths.append(str(path))
+    out = tmp_path / "run"
+    assert main(["run", "--data", "criteo", "--paths", *paths, "--batch-size", "50",
+                 "--max-table-rows", "64", "--prune-steps", "2", "--no-progress",
+                 "--strategies", "d2s", "--out", str(out)]) == 0
+    assert "malformed rows skipped: 3" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    periods = res["strategies"]["d2s"]["periods"]
+    assert [r["period"] for r in periods] == [0, 1, 2]  # one file per period
+    assert [r["count"] for r in periods] == [150, 150, 150]

@@ -90,7 +90,8 @@ def _parser() -> _Parser:
     run.add_argument("--samples-per-period", type=_positive_int, default=exp.samples_per_period)
     run.add_argument("--batch-size", type=_positive_int, default=exp.batch_size)
     run.add_argument("--max-table-rows", type=_positive_int, default=exp.max_table_rows,
-                     help="synthetic: cap on the rows of each embedding table")
+                     help="rows of each embedding table (synthetic: cap, default 2000; "
+                          "criteo: hash size, default 32768)")
     run.add_argument("--prune-steps", type=_positive_int, default=cfg.prune_steps,
                      help="optimisation steps of each pruning transition")
     run.add_argument("--seed", type=int, default=cfg.seed)
@@ -167,6 +168,9 @@ def _run(args: argparse.Namespace) -> int:
     results = run_experiment(exp)
     write_report(results, out)
     print(format_table(results))
+    malformed = results.get("experiment", {}).get("malformed_rows")
+    if malformed is not None:
+        print(f"\nmalformed rows skipped: {malformed}")
     print(f"\nwall time {time.perf_counter() - start:.1f} s; wrote results.json, periods.csv, "
           f"ne_over_time.png, layer_density.png to {out}")
     return 0

@@ -17,6 +17,8 @@ from adsparse.online.trainer import OnlineTrainer
 
 __all__ = ["Experiment", "make_stream", "run_experiment"]
 
+SYNTHETIC_TABLE_ROWS = 2000
+
 
 @dataclass
 class Experiment:
@@ -30,7 +32,10 @@ class Experiment:
     periods: int = 9
     samples_per_period: int = 16384
     batch_size: int = 256
-    max_table_rows: int | None = 2000  # synthetic: cap on each table's rows (None: stream default)
+    # Rows of each embedding table: synthetic caps its Criteo-like sizes at this (default
+    # 2000, small enough for the 10-minute demo); criteo hashes into this many (default: the
+    # stream's own, 32768).
+    max_table_rows: int | None = None
     model: dict[str, Any] | None = None  # DLRM(**model) instead of the preset (tests)
     checkpoint_dir: str | None = None
     nproc: int = 1
@@ -46,9 +51,8 @@ def make_stream(exp: Experiment) -> Any:
     if exp.data == "synthetic":
         from adsparse.data import CRITEO_LIKE_SIZES, SyntheticCTRStream
 
-        sizes = None
-        if exp.max_table_rows is not None:
-            sizes = [min(n, exp.max_table_rows) for n in CRITEO_LIKE_SIZES]
+        cap = exp.max_table_rows or SYNTHETIC_TABLE_ROWS
+        sizes = [min(n, cap) for n in CRITEO_LIKE_SIZES]
         return SyntheticCTRStream(num_periods=exp.periods,
                                   samples_per_period=exp.samples_per_period,
                                   seed=exp.cfg.seed, batch_size=exp.batch_size,
@@ -56,8 +60,9 @@ def make_stream(exp: Experiment) -> Any:
     if exp.data == "criteo":
         from adsparse.data import CriteoStream
 
+        extra = {} if exp.max_table_rows is None else {"hash_sizes": exp.max_table_rows}
         return CriteoStream(exp.paths, rows_per_period=exp.rows_per_period,
-                            batch_size=exp.batch_size)
+                            batch_size=exp.batch_size, **extra)
     raise ValueError(f"unknown data {exp.data!r} (choose synthetic or criteo)")
 
 
@@ -77,6 +82,9 @@ def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> di
                              "samples_per_period": exp.samples_per_period,
                              "batch_size": exp.batch_size, "nproc": exp.nproc,
                              "stream": repr(stream)}
+    if hasattr(stream, "malformed_rows"):
+        # Only the periods this process read (a resumed run does not re-read earlier ones).
+        results["experiment"]["malformed_rows"] = int(stream.malformed_rows)
     if result_path is not None and ctx.is_main:
         with open(result_path, "wb") as f:
             pickle.dump(results, f)
