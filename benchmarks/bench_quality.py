@@ -80,18 +80,18 @@ def check_targets(summary: dict[str, Any], results: dict[str, Any], d: float) ->
         out.append(f"- ad2s within 0.5% of dense: {'met' if loss <= 0.5 else 'MISSED'} "
                    f"({loss:+.2f}%)")
     if once is not None:
-        diff = 100 * (once["rel_ne_loss"] - ad2s["rel_ne_loss"])
-        out.append(f"- ad2s better than prune_once: {'met' if diff > 0 else 'MISSED'} "
-                   f"(by {diff:+.2f} points)")
+        better = ad2s["rel_ne_loss"] < once["rel_ne_loss"]
+        out.append(f"- ad2s better than prune_once: {'met' if better else 'MISSED'} "
+                   f"({100 * ad2s['rel_ne_loss']:+.2f}% vs {100 * once['rel_ne_loss']:+.2f}%)")
     if d2s:
         best_name, best = min(d2s.items(), key=lambda kv: kv[1]["rel_ne_loss"])
         short = best_name.replace(f":density={d}", "")
-        diff = 100 * (best["rel_ne_loss"] - ad2s["rel_ne_loss"])
-        ok = diff >= 0 and ad2s["regenerations"] <= best["regenerations"]
+        ok = (ad2s["rel_ne_loss"] <= best["rel_ne_loss"]
+              and ad2s["regenerations"] <= best["regenerations"])
         out.append(f"- ad2s no worse than the best fixed r ({short}) with no more "
-                   f"regenerations: {'met' if ok else 'MISSED'} (NE {diff:+.2f} points in "
-                   f"ad2s's favour; {ad2s['regenerations']} vs {best['regenerations']} "
-                   "regenerations)")
+                   f"regenerations: {'met' if ok else 'MISSED'} (rel. NE loss "
+                   f"{100 * ad2s['rel_ne_loss']:+.2f}% vs {100 * best['rel_ne_loss']:+.2f}%; "
+                   f"{ad2s['regenerations']} vs {best['regenerations']} regenerations)")
     return out
 
 

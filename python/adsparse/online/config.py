@@ -33,7 +33,7 @@ class OnlineConfig:
     window_batches: int = 16  # ad2s: NE gap and mask drift are measured per window
     ne_tolerance: float = 0.005  # ad2s: regenerate when (NE_sparse - NE_dense)/NE_dense exceeds
     # this and the gap a fresh sparse model showed (see AD2SStrategy)
-    drift_bound: float = 0.35  # ad2s: ... or when this share of the serving mask would change
+    drift_bound: float = 0.5  # ad2s: ... or when this share of the serving mask would change
     min_interval: int = 4  # ad2s: windows between regenerations, at least ...
     max_interval: int = 32  # ... and at most
     device: str = "cpu"

@@ -247,7 +247,8 @@ class AD2SStrategy(Strategy):
     pure magnitude does not read as drift from the start).
 
     The NE trigger fires when the gap exceeds ``ne_tolerance`` *and* the gap that freshly
-    regenerated models showed in their first window (running mean). A new model is not free:
+    regenerated models showed in their first ``min_interval`` windows (running mean over all
+    regenerations; one window alone proved too noisy). A new model is not free:
     it has not adapted to its pattern yet, and on the default stream it starts about 2% NE
     behind dense while a model that kept training with its pattern settles well below that;
     regenerating is only worth it once the serving model has fallen behind a fresh one.
@@ -262,14 +263,12 @@ class AD2SStrategy(Strategy):
         self.win_batches = 0
         self.windows_since = 0
         self.windows: list[dict[str, Any]] = []
-        self.fresh_gaps: list[float] = []  # first-window gap after each regeneration
-        self.first_window = True
+        self.fresh_gaps: list[float] = []  # gaps of the first windows after regenerations
 
     def end_period(self, period: int, dense: DenseTrack, buffer: deque[Batch]) -> None:
         if self.serving is None and period + 1 >= self.cfg.warmup_periods:
             self.regenerate(dense, buffer, period, -1, "warmup")
             self.windows_since = 0
-            self.first_window = True
 
     def mask_drift(self, dense: DenseTrack) -> float:
         if not self.reference_mask:
@@ -295,9 +294,8 @@ class AD2SStrategy(Strategy):
         self.windows_since += 1
         gap = (ne_s - ne_d) / ne_d if ne_d > 0 and math.isfinite(ne_d) else 0.0
         drift = self.mask_drift(dense)
-        if self.first_window:
+        if self.windows_since <= self.cfg.min_interval:
             self.fresh_gaps.append(gap)
-            self.first_window = False
         bar = max(self.cfg.ne_tolerance, sum(self.fresh_gaps) / len(self.fresh_gaps))
         self.windows.append({"period": period, "batch": index, "ne_gap": gap, "drift": drift,
                              "bar": bar})
@@ -313,14 +311,12 @@ class AD2SStrategy(Strategy):
             self.regenerate(dense, buffer, period, index, reason, ne_gap=gap, drift=drift,
                             bar=bar)
             self.windows_since = 0
-            self.first_window = True
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         state.update(win_sparse=self.win_sparse, win_dense=self.win_dense,
                      win_batches=self.win_batches, windows_since=self.windows_since,
-                     windows=self.windows, fresh_gaps=self.fresh_gaps,
-                     first_window=self.first_window)
+                     windows=self.windows, fresh_gaps=self.fresh_gaps)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -328,7 +324,7 @@ class AD2SStrategy(Strategy):
         self.win_sparse, self.win_dense = state["win_sparse"], state["win_dense"]
         self.win_batches, self.windows_since = state["win_batches"], state["windows_since"]
         self.windows = state["windows"]
-        self.fresh_gaps, self.first_window = state["fresh_gaps"], state["first_window"]
+        self.fresh_gaps = state["fresh_gaps"]
 
 
 _KINDS = {"dense": DenseStrategy, "prune_once": PruneOnceStrategy, "d2s": D2SStrategy,
