@@ -9,6 +9,11 @@
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi,bmi2")
+// GCC 12's avx512fintrin.h builds several intrinsics on `__m512 __Y = __Y;` (an intentionally
+// undefined pass-through operand), which -W(maybe-)uninitialized reports at every inlined use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 
 namespace adsparse {
@@ -96,5 +101,6 @@ constexpr const char* kIsaName = "avx512";
 const KernelTable& kernels_avx512() { return kTable; }
 
 }  // namespace adsparse
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif  // x86
