@@ -4,13 +4,16 @@
                                         at density 0.1, block 16x16, kaggle DLRM, synthetic)
     adsparse bench kernels|serving|quality [benchmark options]
 
-Bad options print one line (``adsparse: error: ...``) and exit with status 2, no traceback.
+Bad options print one line (``adsparse: error: ...``) and exit with status 2, no traceback;
+errors from the data or a stale checkpoint print one line and exit with status 1
+(``ADSPARSE_DEBUG=1`` re-raises them with the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -208,7 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, OSError) as err:
         # Errors the data or the settings raise (a corrupt file, a stale checkpoint): one line.
-        print(f"adsparse: error: {err}", file=sys.stderr)
+        if os.environ.get("ADSPARSE_DEBUG"):
+            raise
+        print(f"adsparse: error: {err} (ADSPARSE_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1
 
 
