@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dtype_reference import compare_to_reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -25,47 +26,6 @@ DEV = "cuda"
 
 
 # --------------------------------------------------------------------------- helpers
-def _close(actual: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor, name: str,
-           factor: float = 4.0) -> None:
-    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)}"
-    assert actual.dtype == base.dtype, f"{name}: dtype {actual.dtype}, expected {base.dtype}"
-    assert bool(torch.isfinite(actual).all()), f"{name}: non-finite values"
-    if ref64.numel() == 0:
-        return
-    err = float((actual.double() - ref64).abs().max())
-    base_err = float((base.double() - ref64).abs().max())
-    floor = 2 * torch.finfo(actual.dtype).eps * float(ref64.abs().max())
-    bound = max(factor * base_err, floor)
-    assert err <= bound, (f"{name}: max error {err:.3e} > bound {bound:.3e} "
-                          f"(torch {actual.dtype} error {base_err:.3e})")
-
-
-def _run(fn, inputs: dict, wrt: tuple[str, ...], grad_out: torch.Tensor, dtype: torch.dtype):
-    leaves = {}
-    for key, t in inputs.items():
-        if t is None or not t.is_floating_point():
-            leaves[key] = t
-        else:
-            leaves[key] = t.detach().to(dtype).requires_grad_(key in wrt)
-    out = fn(**leaves)
-    out.backward(grad_out.to(dtype))
-    return out.detach(), {key: leaves[key].grad for key in wrt}
-
-
-def _compare(op_fn, ref_fn, inputs: dict, wrt: tuple[str, ...], dtype: torch.dtype) -> None:
-    wrt = tuple(k for k in wrt if inputs.get(k) is not None)
-    with torch.no_grad():
-        shape = ref_fn(**{k: (v.double() if v is not None and v.is_floating_point() else v)
-                          for k, v in inputs.items()}).shape
-    grad_out = torch.randn(shape, dtype=torch.float64, device=DEV)
-    out, grads = _run(op_fn, inputs, wrt, grad_out, dtype)
-    ref, ref_grads = _run(ref_fn, inputs, wrt, grad_out, torch.float64)
-    base, base_grads = _run(ref_fn, inputs, wrt, grad_out, dtype)
-    _close(out, ref, base, "output")
-    for key in wrt:
-        _close(grads[key], ref_grads[key], base_grads[key], f"grad of {key}")
-
-
 def _bsr_weight(n: int, k: int, block: tuple[int, int], density: float = 0.5):
     from adsparse.layout import BlockSparseWeight
 
@@ -102,7 +62,7 @@ def _bsr_case(n, k, b, block, dtype, bias=True, activation="relu", density=0.5) 
 
     inputs = {"x": torch.randn(b, k, device=DEV), "values": w.values,
               "bias": torch.randn(n, device=DEV) if bias else None}
-    _compare(op, ref, inputs, ("x", "values", "bias"), dtype)
+    compare_to_reference(op, ref, inputs, ("x", "values", "bias"), dtype)
 
 
 def _masked_case(n, k, b, block, dtype, soft=True, bias=True, activation="relu") -> None:
@@ -123,7 +83,7 @@ def _masked_case(n, k, b, block, dtype, soft=True, bias=True, activation="relu")
     inputs = {"x": torch.randn(b, k, device=DEV), "mask": mask,
               "weight": torch.randn(n, k, device=DEV) / math.sqrt(k),
               "bias": torch.randn(n, device=DEV) if bias else None}
-    _compare(op, ref, inputs, ("x", "weight", "mask", "bias"), dtype)
+    compare_to_reference(op, ref, inputs, ("x", "weight", "mask", "bias"), dtype)
 
 
 # --------------------------------------------------------------------------- correctness

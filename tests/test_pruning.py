@@ -28,14 +28,7 @@ from adsparse.pruning.targets import TransitionSession, cycle_batches, find_targ
 
 BLOCK = (5, 7)  # odd, and dividing none of the layer shapes below
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread. On the shared 2-core machine, two threads made a 128x40x40
-    masked_linear 80x slower (64 ms vs 0.8 ms, measured) from oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

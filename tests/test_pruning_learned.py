@@ -14,15 +14,7 @@ from adsparse.pruning.learned import normalize_scores
 from adsparse.pruning.scorers import magnitude_scores
 from adsparse.pruning.targets import find_targets
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one thread. On the shared 2-core machine, two threads made a 128x40x40
-    masked_linear 80x slower (64 ms vs 0.8 ms, measured) from oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from dtype_reference import assert_close_to_reference, compare_to_reference
 
 CHECKS: dict[str, Callable[[], None]] = {}
 _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET")
@@ -36,49 +37,6 @@ def check(fn: Callable[[], None]) -> Callable[[], None]:
 
 
 # --------------------------------------------------------------------------- helpers
-def _close(actual: torch.Tensor, ref64: torch.Tensor, base: torch.Tensor, name: str,
-           factor: float = 4.0) -> None:
-    """``actual`` is within ``factor`` x torch's same-dtype error (``base``) of ``ref64``."""
-    assert actual.shape == ref64.shape, (
-        f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}")
-    assert actual.dtype == base.dtype, f"{name}: dtype {actual.dtype}, expected {base.dtype}"
-    if ref64.numel() == 0:
-        return
-    err = float((actual.double() - ref64).abs().max())
-    base_err = float((base.double() - ref64).abs().max())
-    floor = 2 * torch.finfo(actual.dtype).eps * float(ref64.abs().max())
-    bound = max(factor * base_err, floor)
-    assert err <= bound, (f"{name}: max error {err:.3e} > bound {bound:.3e} "
-                          f"(torch {actual.dtype} error {base_err:.3e})")
-
-
-def _run(fn, inputs: dict, wrt: tuple[str, ...], grad_out: torch.Tensor, dtype: torch.dtype):
-    """``fn(**inputs)`` on fresh leaves cast to ``dtype``; output and grads of ``wrt``."""
-    leaves = {}
-    for key, t in inputs.items():
-        if t is None or not t.is_floating_point():
-            leaves[key] = t
-        else:
-            leaves[key] = t.detach().to(dtype).requires_grad_(key in wrt)
-    out = fn(**leaves)
-    out.backward(grad_out.to(dtype))
-    return out.detach(), {key: leaves[key].grad for key in wrt}
-
-
-def _compare(op_fn, ref_fn, inputs: dict, wrt: tuple[str, ...], dtype=torch.float32) -> None:
-    """Op in ``dtype`` vs reference in float64, bounded by the reference run in ``dtype``."""
-    wrt = tuple(k for k in wrt if inputs.get(k) is not None)
-    out64 = ref_fn(**{k: (v.double() if v is not None and v.is_floating_point() else v)
-                      for k, v in inputs.items()})
-    grad_out = torch.randn(out64.shape, dtype=torch.float64)
-    out, grads = _run(op_fn, inputs, wrt, grad_out, dtype)
-    ref, ref_grads = _run(ref_fn, inputs, wrt, grad_out, torch.float64)
-    base, base_grads = _run(ref_fn, inputs, wrt, grad_out, dtype)
-    _close(out, ref, base, "output")
-    for key in wrt:
-        _close(grads[key], ref_grads[key], base_grads[key], f"grad of {key}")
-
-
 def _pattern(rows: int, cols: int) -> torch.Tensor:
     """Random block pattern with an empty block row and an empty block column."""
     mask = torch.rand(rows, cols) < 0.6
@@ -120,7 +78,7 @@ def _bsr_case(n: int, k: int, b: int, block: tuple[int, int], bias: bool, activa
         return _act(F.linear(x, w.with_values(values).to_dense(), bias), activation)
 
     inputs = {"x": torch.randn(b, k), "values": w.values, "bias": torch.randn(n) if bias else None}
-    _compare(op, ref, inputs, ("x", "values", "bias"), dtype)
+    compare_to_reference(op, ref, inputs, ("x", "values", "bias"), dtype)
 
 
 @check
@@ -207,7 +165,8 @@ def check_bsr_empty_and_corrupt_index():
     kept = w.values.clone()
     kept[0] = 0
     ref = (x.double() @ w.with_values(kept).to_dense().double().T)
-    _close(y, ref, (x @ w.with_values(kept).to_dense().T), "corrupt index output")
+    assert_close_to_reference(y, ref, (x @ w.with_values(kept).to_dense().T),
+                              "corrupt index output")
 
 
 @check
@@ -263,7 +222,7 @@ def _masked_case(n: int, k: int, b: int, block: tuple[int, int] | None, soft: bo
 
     inputs = {"x": torch.randn(b, k), "weight": torch.randn(n, k) / math.sqrt(k), "mask": mask,
               "bias": torch.randn(n) if bias else None}
-    _compare(op, ref, inputs, ("x", "weight", "mask", "bias"), dtype)
+    compare_to_reference(op, ref, inputs, ("x", "weight", "mask", "bias"), dtype)
 
 
 @check
@@ -322,8 +281,8 @@ def check_masked_params_flags():
     g64 = grad.double().T @ x.double()
     dw, dm = ak.masked_linear_backward_params(grad, x, w, mask, *block, True, False)
     assert dm.shape == (0,), f"dM not asked for, got shape {tuple(dm.shape)}"
-    _close(dw, g64 * _expand(mask.double(), block, n, k), (grad.T @ x) * _expand(mask, block, n, k),
-           "dW alone")
+    assert_close_to_reference(dw, g64 * _expand(mask.double(), block, n, k),
+                              (grad.T @ x) * _expand(mask, block, n, k), "dW alone")
     dw, dm = ak.masked_linear_backward_params(grad, x, w, mask, *block, False, True)
     assert dw.shape == (0,), f"dW not asked for, got shape {tuple(dw.shape)}"
     padded = torch.zeros(48, 48, dtype=torch.float64)
@@ -331,7 +290,8 @@ def check_masked_params_flags():
     ref = padded.view(3, 16, 3, 16).sum((1, 3))
     base32 = torch.zeros(48, 48)
     base32[:n, :k] = (grad.T @ x) * w
-    _close(dm, ref, base32.view(3, 16, 3, 16).sum((1, 3)), "dM alone (all-zero mask blocks too)")
+    assert_close_to_reference(dm, ref, base32.view(3, 16, 3, 16).sum((1, 3)),
+                              "dM alone (all-zero mask blocks too)")
 
 
 @check
@@ -371,7 +331,7 @@ def check_stack_routes_through_triton():
     ref = F.linear(x.detach().double(), layer.masked_weight().detach().double(),
                    layer.bias.detach().double())
     base = F.linear(x.detach(), layer.masked_weight().detach(), layer.bias.detach())
-    _close(serving(x).detach(), ref, base, "BlockSparseLinear output")
+    assert_close_to_reference(serving(x).detach(), ref, base, "BlockSparseLinear output")
 
 
 def _main() -> int:
