@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from adsparse.data import SyntheticCTRStream
+from adsparse.layout import BlockSparseWeight
 from adsparse.metrics import StreamingMetrics, ne
 from adsparse.models import DLRM
-from adsparse.nn import BlockSparseLinear
+from adsparse.nn import BlockSparseLinear, sparsify_
 from adsparse.online import (
     Experiment,
     OnlineConfig,
@@ -23,7 +24,7 @@ from adsparse.online import (
 )
 from adsparse.online.checkpoint import load_checkpoint, save_checkpoint
 from adsparse.online.distributed import DistContext
-from adsparse.online.strategies import AD2SStrategy, DenseTrack
+from adsparse.online.strategies import AD2SStrategy, DenseTrack, carry_adam_state
 
 TINY_MODEL = {"embedding_dim": 8, "bottom_mlp": [32, 8], "top_mlp": [48, 16, 1]}
 SIZES = [50, 7, 90, 30, 3, 64, 20, 11]
@@ -136,12 +137,15 @@ def test_ad2s_triggers_and_intervals():
     # regenerations come exactly every min_interval windows: 8 windows after warm-up -> 4.
     assert len(regen) == 5
     for g in regen[1:]:
-        assert g["reason"] == ("ne_gap" if g["ne_gap"] > g["bar"] else "mask_drift")
+        assert g["reason"] == ("ne_gap" if g["smoothed_gap"] > g["bar"] else "mask_drift")
     # The NE bar is max(tolerance, mean gap of the first min_interval windows after each
-    # regeneration); here every window is one of those.
+    # regeneration); here every window is one of those. The trigger compares the mean gap of
+    # the last min_interval windows since the last regeneration (2 here) with the bar.
     gaps = [w["ne_gap"] for w in ad2s["windows"]]
     for j, w in enumerate(ad2s["windows"]):
         assert w["bar"] == pytest.approx(max(0.0, sum(gaps[: j + 1]) / (j + 1)))
+        since = 1 + j % 2  # regenerations every 2 windows
+        assert w["smoothed_gap"] == pytest.approx(sum(gaps[j + 1 - since: j + 1]) / since)
     never = trainer(stream, tiny_cfg(strategies=["ad2s"], ne_tolerance=10.0, drift_bound=2.0,
                                      min_interval=1, max_interval=3)).run()
     regen = never["strategies"]["ad2s"]["regenerations"]
@@ -224,3 +228,32 @@ def test_streaming_metrics_survive_checkpoint(tmp_path):
     save_checkpoint(tmp_path, {"m": m, "model": copy.deepcopy(torch.nn.Linear(2, 2))})
     assert load_checkpoint(tmp_path)["m"].compute() == m.compute()
     assert not list(tmp_path.glob(".online-*"))  # no temporary file left behind
+
+
+def test_carry_adam_state_gathers_the_stored_blocks():
+    torch.manual_seed(3)
+    dense = torch.nn.Sequential(torch.nn.Embedding(11, 5), torch.nn.Flatten(),
+                                torch.nn.Linear(15, 37), torch.nn.ReLU(), torch.nn.Linear(37, 21))
+    opt = torch.optim.Adam(dense.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        dense(torch.randint(0, 11, (9, 3))).square().mean().backward()
+        opt.step()
+    mask = torch.rand(3, 3) < 0.5  # block grid of the 21x37 layer with 8x16 blocks
+    mask[0, 0] = True
+    sparse = sparsify_(copy.deepcopy(dense), masks={"4": mask}, block_size=(8, 16))
+    new = torch.optim.Adam(sparse.parameters(), lr=1e-2)
+    assert carry_adam_state(dense, opt, sparse, new) == 5
+    layer = sparse[4]
+    elem = mask.repeat_interleave(8, 0).repeat_interleave(16, 1)[:21, :37]
+    for key in ("exp_avg", "exp_avg_sq"):
+        packed = BlockSparseWeight(new.state[layer.values][key], layer.row_offsets,
+                                   layer.col_indices, (21, 37), layer.t_row_offsets,
+                                   layer.t_col_indices, layer.t_block_ids, check=False)
+        want = opt.state[dense[4].weight][key] * elem
+        torch.testing.assert_close(packed.to_dense(), want, rtol=0, atol=0)
+        for name in ("0.weight", "2.weight", "2.bias", "4.bias"):
+            p_new = dict(sparse.named_parameters())[name]
+            p_old = dict(dense.named_parameters())[name]
+            torch.testing.assert_close(new.state[p_new][key], opt.state[p_old][key])
+    assert float(new.state[layer.values]["step"]) == 3.0

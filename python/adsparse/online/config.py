@@ -27,6 +27,11 @@ class OnlineConfig:
     # Off: on the default stream 1 epoch changed d2s (r=1) from +2.67% to +2.58% NE and
     # 3 epochs overfitted the recent batches (+20%); see benchmarks/RESULTS.md.
     finetune_epochs: int = 0
+    # Epochs over the buffer in which a new model's block-sparse layers learn the dense model's
+    # predictions after hardening (see strategies._distill).
+    distill_epochs: int = 1
+    # A new sparse model starts from the dense model's Adam state (see strategies.carry_adam_state)
+    carry_optimizer: bool = True
     lr: float = 3e-3
     warmup_periods: int = 1
     r: int = 1  # d2s regeneration interval, in periods
@@ -51,6 +56,8 @@ class OnlineConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if len(self.block_size) != 2 or min(self.block_size) < 1:
             raise ValueError(f"block size must be two positive ints, got {self.block_size}")
+        if self.distill_epochs < 0:
+            raise ValueError(f"distill_epochs must be >= 0, got {self.distill_epochs}")
         if self.finetune_epochs < 0:
             raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
         for name in ("prune_steps", "buffer_batches", "r", "window_batches", "min_interval",
