@@ -14,7 +14,7 @@ class OnlineConfig:
     """Everything that decides the numbers of a run (checkpoints refuse a different one).
 
     ad2s intervals count *windows* of ``window_batches`` mini-batches; with the default stream
-    (64 batches a period) a window is a quarter period, so regenerations are at least one and
+    (64 batches a period) a window is a quarter period, so regenerations are at least two and
     at most eight periods apart.
     """
 
@@ -39,7 +39,10 @@ class OnlineConfig:
     ne_tolerance: float = 0.005  # ad2s: regenerate when (NE_sparse - NE_dense)/NE_dense exceeds
     # this and the gap a fresh sparse model showed (see AD2SStrategy)
     drift_bound: float = 0.5  # ad2s: ... or when this share of the serving mask would change
-    min_interval: int = 4  # ad2s: windows between regenerations, at least ...
+    # ad2s: windows between regenerations, at least ... (two periods: on the default stream a
+    # new model costs about 1% NE in its first period, 4 windows gave +0.89% with 4
+    # regenerations, 8 windows +0.90% with 1; see benchmarks/RESULTS.md)
+    min_interval: int = 8
     max_interval: int = 32  # ... and at most
     device: str = "cpu"
     seed: int = 0
