@@ -257,3 +257,19 @@ def test_carry_adam_state_gathers_the_stored_blocks():
             p_old = dict(dense.named_parameters())[name]
             torch.testing.assert_close(new.state[p_new][key], opt.state[p_old][key])
     assert float(new.state[layer.values]["step"]) == 3.0
+
+
+def test_distillation_brings_a_new_model_closer_to_the_dense_one():
+    stream = tiny_stream(periods=2, samples=512)
+    out = {}
+    for epochs in (0, 3):
+        t = trainer(stream, tiny_cfg(strategies=["prune_once"], distill_epochs=epochs))
+        t._run_period(0)  # warm-up; prune_once regenerates at its end
+        s = next(s for s in t.strategies if s.name == "prune_once")
+        assert len(s.regenerations) == 1
+        with torch.no_grad():
+            out[epochs] = sum(
+                float((torch.sigmoid(s.serving(b.dense, b.sparse))
+                       - torch.sigmoid(t.dense.model(b.dense, b.sparse))).abs().mean())
+                for b in t.buffer) / len(t.buffer)
+    assert out[3] < 0.8 * out[0], out

@@ -30,8 +30,8 @@ from adsparse.online.components import Components, MetricsLike, loss_fn
 from adsparse.online.config import OnlineConfig, StrategySpec
 from adsparse.online.distributed import DistContext, mask_digest
 
-__all__ = ["DenseTrack", "Strategy", "make_strategy", "mlp_densities", "serving_density",
-           "train_step"]
+__all__ = ["DenseTrack", "Strategy", "carry_adam_state", "make_strategy", "mlp_densities",
+           "serving_density", "train_step"]
 
 
 def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -177,8 +177,10 @@ class Strategy:
     """Base: serves the dense model until a sparse model exists, then serves and trains that.
 
     Subclasses decide *when* to regenerate; :meth:`regenerate` is the one way a sparse model is
-    made: a pruning transition on a copy of the dense model over the recent batches, then
-    ``sparsify_`` with the pruner's masks. It runs on rank 0 and is broadcast.
+    made: a pruning transition on a copy of the dense model over the recent batches,
+    ``sparsify_`` with the pruner's masks, then ``distill_epochs`` over the same batches in which
+    the block-sparse layers learn the dense model's predictions. The new model starts with the
+    dense model's Adam state (:func:`carry_adam_state`). It runs on rank 0 and is broadcast.
     """
 
     def __init__(self, spec: StrategySpec, cfg: OnlineConfig, comps: Components,
@@ -313,12 +315,12 @@ class AD2SStrategy(Strategy):
     pick, relative to its ranking at the last regeneration (so a pruner whose criterion is not
     pure magnitude does not read as drift from the start).
 
-    The NE trigger fires when the gap exceeds ``ne_tolerance`` *and* the gap that freshly
-    regenerated models showed in their first ``min_interval`` windows (running mean over all
-    regenerations; one window alone proved too noisy). A new model is not free:
-    it has not adapted to its pattern yet, and on the default stream it starts about 2% NE
-    behind dense while a model that kept training with its pattern settles well below that;
-    regenerating is only worth it once the serving model has fallen behind a fresh one.
+    The NE trigger fires when the mean gap of the last ``min_interval`` windows (one window
+    alone is too noisy) exceeds ``ne_tolerance`` *and* the gap that freshly regenerated models
+    showed in their first ``min_interval`` windows (running mean over all regenerations). A new
+    model is not free: it has not adapted to its pattern yet, and on the default stream it
+    still costs about 1% NE in its first period against a model that kept training with its
+    pattern; regenerating is only worth it once the serving model has fallen behind a fresh one.
     """
 
     def __init__(self, spec: StrategySpec, cfg: OnlineConfig, comps: Components,
