@@ -27,8 +27,8 @@ class OnlineConfig:
     # Off: on the default stream 1 epoch changed d2s (r=1) from +2.67% to +2.58% NE and
     # 3 epochs overfitted the recent batches (+20%); see benchmarks/RESULTS.md.
     finetune_epochs: int = 0
-    # Epochs over the buffer in which a new model's block-sparse layers learn the dense model's
-    # predictions after hardening (see strategies._distill).
+    # Epochs over the buffer in which a new model learns the dense model's predictions after
+    # hardening (see strategies._distill).
     distill_epochs: int = 1
     # A new sparse model starts from the dense model's Adam state (see strategies.carry_adam_state)
     carry_optimizer: bool = True

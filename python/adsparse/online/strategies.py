@@ -93,22 +93,19 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, local: Batch, globa
 
 def _distill(model: nn.Module, teacher: nn.Module, batches: Sequence[Batch], epochs: int,
              lr: float) -> None:
-    """Train ``model``'s block-sparse layers to match ``teacher``'s predictions on ``batches``.
+    """Train ``model`` to match ``teacher``'s predictions on ``batches`` (a fresh Adam).
 
-    Hardening the soft masks loses a lot (held-out log-loss of the new model about 6-7% above
-    the dense model's on the default stream); training the hardened layers on the recent
-    labels again fits rows the dense model has already learned (and overfits them), while the
-    dense model's own predictions carry its function without a second pass over the labels.
-    Embeddings and unpruned layers stay as copied (training them here measured no better).
+    Hardening leaves the new model far from the dense one (held-out log-loss about 6-7% above
+    the dense model's on the default stream); training it on the recent labels again fits rows
+    the dense model has already learned (and overfits them, embeddings most), while the dense
+    model's own predictions carry its function without a second pass over the labels. All
+    parameters train: on the default stream that gave d2s (r=1) +1.19% NE against +1.45% when
+    only the block-sparse layers trained (benchmarks/RESULTS.md).
     """
     with torch.no_grad():
         soft = [Batch(b.dense, b.sparse, torch.sigmoid(teacher(b.dense, b.sparse)))
                 for b in batches]
-    params = [p for m in model.modules() if isinstance(m, BlockSparseLinear)
-              for p in m.parameters()]
-    if not params:
-        return
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(epochs):
         for b in soft:
             opt.zero_grad(set_to_none=True)
@@ -179,7 +176,7 @@ class Strategy:
     Subclasses decide *when* to regenerate; :meth:`regenerate` is the one way a sparse model is
     made: a pruning transition on a copy of the dense model over the recent batches,
     ``sparsify_`` with the pruner's masks, then ``distill_epochs`` over the same batches in which
-    the block-sparse layers learn the dense model's predictions. The new model starts with the
+    the new model learns the dense model's predictions. The new model starts with the
     dense model's Adam state (:func:`carry_adam_state`). It runs on rank 0 and is broadcast.
     """
 
