@@ -76,8 +76,16 @@ def _flatten_input(x: torch.Tensor, in_features: int) -> torch.Tensor:
         raise ValueError(
             f"x.shape[-1] = {x.shape[-1]} does not match in_features K = {in_features}"
         )
+    if x.dim() == 2:
+        # The common case costs no reshape: at B=1 the two reshapes were 4.5 of the ~22 us a
+        # module call took around a 7 us kernel (inference mode, one thread).
+        return x.contiguous()
     # An explicit row count, not -1: reshape cannot infer it when K = 0 (nn.Linear(0, N) is valid).
     return x.reshape(x.shape[:-1].numel(), in_features).contiguous()
+
+
+def _unflatten_output(y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def _check_bias(bias: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
@@ -131,7 +139,7 @@ def bsr_linear_indexed(
     _check_bias(bias, n, x2)
     y = _OPS.bsr_linear(x2, values, row_offsets, col_indices, t_row_offsets, t_col_indices,
                         t_block_ids, bias, n, _activation_code(activation))
-    return y.reshape(*x.shape[:-1], n)
+    return _unflatten_output(y, x, n)
 
 
 @torch.library.register_fake("adsparse::bsr_linear")
@@ -240,7 +248,7 @@ def masked_linear(
     bn, bk = _block_dims(weight, mask, block_size)
     y = _OPS.masked_linear(x2, weight.contiguous(), mask.contiguous(), bias, bn, bk,
                            _activation_code(activation))
-    return y.reshape(*x.shape[:-1], n)
+    return _unflatten_output(y, x, n)
 
 
 @torch.library.register_fake("adsparse::masked_linear")
