@@ -149,3 +149,38 @@ def test_run_on_criteo_files(tmp_path, capsys):
     periods = res["strategies"]["d2s"]["periods"]
     assert [r["period"] for r in periods] == [0, 1, 2]  # one file per period
     assert [r["count"] for r in periods] == [150, 150, 150]
+
+
+def test_sigkill_mid_period_resumes_to_the_same_numbers(tmp_path):
+    """A run killed at an arbitrary point (here: SIGKILL inside the period after the first
+    checkpoint) resumes from that checkpoint to the uninterrupted run's numbers."""
+    import signal
+    import time
+
+    args = [*TINY, "--periods", "4", "--samples-per-period", "1024",
+            "--strategies", "prune_once,ad2s"]
+    straight = _cli([*args, "--out", str(tmp_path / "straight")])
+    assert straight.returncode == 0, straight.stderr
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-m", "adsparse.cli", *args, "--out",
+                             str(tmp_path / "a"), "--checkpoint-dir", str(ckpt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (ckpt / "online.pt").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.01)
+    time.sleep(0.05)  # into the next period
+    killed_mid_run = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _cli([*args, "--out", str(tmp_path / "b"), "--checkpoint-dir", str(ckpt)])
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    for name, s in a["strategies"].items():
+        got = b["strategies"][name]
+        assert [r["period"] for r in got["periods"]] == [0, 1, 2, 3]
+        for ra, rb in zip(s["periods"], got["periods"]):
+            assert rb["count"] == ra["count"]
+            assert rb["ne"] == pytest.approx(ra["ne"], rel=1e-5)
+    assert killed_mid_run, "the run finished before it could be killed; make it longer"
