@@ -65,6 +65,16 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def check_epilogue(bias: torch.Tensor | None, n: int, activation: int, x: torch.Tensor) -> None:
+    """The fused epilogue's arguments: a bias of ``[n]`` like ``x``, activation 0 or 1."""
+    if bias is not None:
+        check_float(bias, "bias", x)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
+    if activation not in (0, 1):
+        raise ValueError(f"activation must be 0 (none) or 1 (relu), got {activation}")
+
+
 def check_float(t: torch.Tensor, name: str, like: torch.Tensor | None = None,
                 like_name: str = "x") -> None:
     """Raise ``ValueError`` naming ``name`` unless it is a float tensor matching ``like``."""

@@ -30,6 +30,7 @@ import triton.language as tl
 from adsparse_kernels._common import (
     CALLS,
     bucket,
+    check_epilogue,
     check_float,
     check_index,
     check_index_values,
@@ -253,12 +254,7 @@ def bsr_linear(
         raise ValueError(f"values has {values.shape[0]} blocks but col_indices has "
                          f"{col_indices.numel()}")
     check_index_values(row_offsets, col_indices, rows, cols, "row_offsets", "col_indices")
-    if bias is not None:
-        check_float(bias, "bias", x)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    if activation not in (0, 1):
-        raise ValueError(f"activation must be 0 (none) or 1 (relu), got {activation}")
+    check_epilogue(bias, n, activation, x)
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
     if b == 0 or n == 0:
         return y

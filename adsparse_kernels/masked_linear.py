@@ -25,6 +25,7 @@ import triton.language as tl
 from adsparse_kernels._common import (
     CALLS,
     bucket,
+    check_epilogue,
     check_float,
     configs,
     device_guard,
@@ -251,12 +252,7 @@ def masked_linear(
     if weight.shape[1] != k:
         raise ValueError(f"x [B, K] and weight [N, K] do not match: {tuple(x.shape)} vs "
                          f"{tuple(weight.shape)}")
-    if bias is not None:
-        check_float(bias, "bias", x)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must be [{n}], got {tuple(bias.shape)}")
-    if activation not in (0, 1):
-        raise ValueError(f"activation must be 0 (none) or 1 (relu), got {activation}")
+    check_epilogue(bias, n, activation, x)
     y = torch.empty(b, n, dtype=x.dtype, device=x.device)
     if b == 0 or n == 0:
         return y
