@@ -235,6 +235,9 @@ def masked_linear(
     ``mask`` is element-wise ``[N, K]`` or, with ``block_size=(bn, bk)``, per block
     ``[ceil(N/bn), ceil(K/bk)]``; values are 0/1 or soft in [0, 1]. Differentiable in ``x``,
     ``weight``, ``bias`` and ``mask`` (the learned pruner trains through the mask).
+
+    Tiles whose mask is all zero are skipped, so a NaN/inf in ``x`` or ``weight`` under a zero
+    mask may or may not reach the output (it does on the dense route, not on the skipping one).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [N, K]")
