@@ -327,3 +327,124 @@ def test_hash_category_range_and_spread():
     assert counts.min() > 0.6 * counts.mean()  # no bucket starves
     assert hash_category(12345, 0, size) != hash_category(12345, 1, size) or \
         hash_category(54321, 0, size) != hash_category(54321, 1, size)
+
+
+# ----------------------------------------------------------------------------- damaged Criteo data
+def _criteo_bytes(rows: int, seed: int) -> bytes:
+    rnd = random.Random(seed)
+    return ("\n".join(_criteo_line(rnd) for _ in range(rows)) + "\n").encode()
+
+
+def _read_all(stream: CriteoStream) -> Batch:
+    batches = [b for p in range(stream.num_periods) for b in stream.period(p)]
+    if not batches:
+        return Batch(torch.zeros(0, 13), torch.zeros(0, 26, dtype=torch.int64), torch.zeros(0))
+    return Batch(*(torch.cat(parts) for parts in zip(*batches)))
+
+
+def test_criteo_truncated_gzip_is_read_up_to_the_damage(tmp_path, caplog):
+    raw = gzip.compress(_criteo_bytes(600, 10))
+    path = tmp_path / "day_0.gz"
+    path.write_bytes(raw[: len(raw) // 2])
+    s = CriteoStream(path, batch_size=64)
+    with caplog.at_level(logging.WARNING, logger="adsparse.data.criteo"):
+        rows = _read_all(s).labels.numel()
+    assert 0 < rows < 600
+    assert s.malformed_rows == 1 and s.damaged_files == [str(path)]  # the rest: one line
+    assert "day_0.gz is damaged" in caplog.text
+
+
+def test_criteo_corrupt_gzip_body_and_crc_are_counted_not_fatal(tmp_path):
+    raw = bytearray(gzip.compress(_criteo_bytes(600, 11)))
+    body = tmp_path / "body.gz"
+    flipped = raw.copy()
+    flipped[len(raw) // 3] ^= 0xFF  # inside the deflate stream
+    body.write_bytes(bytes(flipped))
+    crc = tmp_path / "crc.gz"
+    flipped = raw.copy()
+    flipped[-6] ^= 0x01  # the CRC32 trailer: every line decompresses, the check fails
+    crc.write_bytes(bytes(flipped))
+    s = CriteoStream([body, crc], batch_size=64)
+    _read_all(s)
+    assert s.damaged_files == sorted([str(body), str(crc)])
+    assert s.malformed_by_period[1] == 1
+
+
+def test_criteo_huge_count_is_a_malformed_row(tmp_path):
+    rnd = random.Random(12)
+    lines = [_criteo_line(rnd) for _ in range(30)]
+    cols = lines[7].split("\t")
+    cols[3] = "9" * 400  # beyond float64: OverflowError in the reference parser
+    lines[7] = "\t".join(cols)
+    path = tmp_path / "day_0"
+    path.write_text("\n".join(lines) + "\n")
+    s = CriteoStream(path, batch_size=8)
+    assert _read_all(s).labels.numel() == 29 and s.malformed_rows == 1
+
+
+def test_criteo_unopenable_file_is_one_clear_error(tmp_path):
+    from adsparse.data.criteo import CriteoReadError
+
+    path = tmp_path / "day_0"
+    path.write_text(_criteo_bytes(20, 13).decode())
+    s = CriteoStream(path)
+    path.unlink()  # gone between the construction and the read
+    with pytest.raises(CriteoReadError, match="day_0"):
+        list(s.period(0))
+
+
+def test_criteo_malformed_count_of_a_resumed_run_equals_the_straight_run(tmp_path):
+    rnd = random.Random(14)
+    lines = [_criteo_line(rnd) for _ in range(90)]
+    for i in range(0, 90, 7):
+        lines[i] = "garbage\t" + lines[i]
+    (tmp_path / "a").write_text("\n".join(lines) + "\n")
+    straight = CriteoStream(tmp_path / "a", rows_per_period=20, batch_size=8)
+    _read_all(straight)
+    first = CriteoStream(tmp_path / "a", rows_per_period=20, batch_size=8)
+    list(first.period(0))
+    list(first.period(1))  # killed after period 1's checkpoint
+    resumed = CriteoStream(tmp_path / "a", rows_per_period=20, batch_size=8)
+    resumed.load_state_dict(first.state_dict())
+    for p in range(2, resumed.num_periods):
+        list(resumed.period(p))
+    assert resumed.malformed_rows == straight.malformed_rows == 13
+    assert resumed.malformed_by_period == straight.malformed_by_period
+    # Without a checkpoint the count is re-derived from the files, period by period.
+    fresh = CriteoStream(tmp_path / "a", rows_per_period=20, batch_size=8)
+    assert sum(fresh.count_malformed(p) for p in range(5)) == 13
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_criteo_fuzz_truncations_and_byte_flips_never_raise_while_reading(tmp_path, suffix):
+    """Random truncations and byte flips of a small file: the stream either refuses the file at
+    construction with an OSError naming it, or reads every period to the end without raising,
+    yielding only well-formed batches."""
+    from adsparse.data.criteo import CriteoReadError
+
+    text = _criteo_bytes(120, 15)
+    raw = gzip.compress(text) if suffix else text
+    rnd = random.Random(16)
+    refused = 0
+    for case in range(40):
+        data = bytearray(raw)
+        if case % 2 == 0:
+            del data[rnd.randrange(len(data)):]
+        for _ in range(rnd.randint(0 if case % 2 == 0 else 1, 4)):
+            if data:
+                data[rnd.randrange(len(data))] = rnd.randrange(256)
+        path = tmp_path / f"case{case}{suffix}"
+        path.write_bytes(bytes(data))
+        try:
+            s = CriteoStream(path, rows_per_period=50 if case % 3 == 0 else None,
+                             batch_size=16, hash_sizes=100)
+        except CriteoReadError as err:
+            assert path.name in str(err)
+            refused += 1
+            continue
+        got = _read_all(s)
+        assert got.labels.numel() <= 120 and set(got.labels.tolist()) <= {0.0, 1.0}
+        assert ((got.sparse >= 0) & (got.sparse < 100)).all()
+        assert torch.isfinite(got.dense).all()
+    if not suffix:
+        assert refused == 0  # a plain file is never refused: every byte is "a line"

@@ -7,9 +7,17 @@ categorical values written as hexadecimal strings; any of the 39 features may be
 * Categorical: the hex value is hashed into ``[1, hash_size)`` of its table with a per-field
   salt; an empty value maps to the reserved ID 0.
 * A line with the wrong number of columns, a label that is not 0/1, or a value that does not
-  parse is skipped and counted (:attr:`CriteoStream.malformed_rows`, per period in
-  :attr:`CriteoStream.malformed_by_period`, and a log message at the end of the period);
-  it never stops the stream.
+  parse (a 400-digit count included) is skipped and counted (:attr:`CriteoStream.malformed_rows`,
+  per period in :attr:`CriteoStream.malformed_by_period`, and a log message at the end of the
+  period); it never stops the stream.
+* A damaged file (a truncated ``.gz``, a corrupt deflate body or CRC, a read error) is read up
+  to the damage; the unreadable rest counts as one malformed line and the file is named once in
+  a warning (and in :attr:`CriteoStream.damaged_files`). A file that cannot be opened or whose
+  first bytes cannot be read fails at construction (:class:`CriteoReadError`, one line).
+
+The malformed count of a period depends only on the files, so a resumed run gets the whole
+run's count by carrying :meth:`CriteoStream.state_dict` in its checkpoint (the counts of the
+periods read before the interruption) or by :meth:`CriteoStream.count_malformed` (re-reads).
 
 Files are read line by line (gzip decompressed on the fly) and parsed 512 lines at a time,
 column-wise with numpy, so memory stays bounded by that chunk whatever the size of the file
@@ -31,6 +39,7 @@ import itertools
 import logging
 import math
 import os
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import BinaryIO
 
@@ -42,6 +51,7 @@ from adsparse.data.base import Batch
 __all__ = [
     "CRITEO_NUM_DENSE",
     "CRITEO_NUM_SPARSE",
+    "CriteoReadError",
     "CriteoStream",
     "hash_category",
     "parse_lines",
@@ -52,6 +62,12 @@ CRITEO_NUM_SPARSE = 26
 _COLUMNS = 1 + CRITEO_NUM_DENSE + CRITEO_NUM_SPARSE
 _MASK64 = (1 << 64) - 1
 _CHUNK_LINES = 512  # lines parsed together: as fast as larger chunks (measured), less memory
+# Stands for the unreadable rest of a damaged file: one line that never parses (no tabs), so
+# it is counted as one malformed line, and period boundaries stay a function of the files.
+_DAMAGED_TAIL = b"<unreadable rest of a damaged file>\n"
+# What reading a damaged file raises part way: a truncated gzip (EOFError), a corrupt deflate
+# stream (zlib.error), a bad CRC or length (gzip.BadGzipFile, an OSError), an I/O error.
+_DAMAGE_ERRORS = (EOFError, zlib.error, OSError)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +83,10 @@ def hash_category(value: int, field: int, size: int) -> int:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     z ^= z >> 31
     return 1 + z % (size - 1)
+
+
+class CriteoReadError(OSError):
+    """A Criteo file cannot be opened or read at all (the message names the file)."""
 
 
 def _open(path: str) -> BinaryIO:
@@ -90,8 +110,8 @@ class CriteoStream:
 
     Raises:
         ValueError: no paths, bad sizes.
-        FileNotFoundError / PermissionError / OSError: a file is missing or unreadable (checked
-            here, at construction, not halfway through a run).
+        FileNotFoundError / PermissionError / CriteoReadError: a file is missing or unreadable
+            (checked here, at construction, not halfway through a run). All are ``OSError``.
     """
 
     num_dense = CRITEO_NUM_DENSE
@@ -129,20 +149,22 @@ class CriteoStream:
                 raise ValueError("num_periods must equal len(paths) when each file is a period")
             self._num_periods = len(self.paths)
         self.malformed_by_period: dict[int, int] = {}
+        self._damaged: set[str] = set()
 
     @staticmethod
     def _check_readable(path: str) -> None:
         if not os.path.exists(path):
             raise FileNotFoundError(f"Criteo file not found: {path}")
         if not os.path.isfile(path):
-            raise OSError(f"Criteo path is not a regular file: {path}")
+            raise CriteoReadError(f"Criteo path is not a regular file: {path}")
         try:
             with _open(path) as fh:
-                fh.read(1)  # for .gz this checks the gzip header too
+                fh.read(1)  # for .gz this checks the gzip header and the first deflate block
         except PermissionError as err:
             raise PermissionError(f"Criteo file is not readable: {path} ({err})") from err
-        except (OSError, EOFError) as err:
-            raise OSError(f"cannot read Criteo file {path}: {err}") from err
+        except _DAMAGE_ERRORS as err:
+            raise CriteoReadError(f"cannot read Criteo file {path}: {err or type(err).__name__}"
+                                  ) from err
 
     # ------------------------------------------------------------------ stream protocol
     @property
@@ -159,8 +181,44 @@ class CriteoStream:
 
     @property
     def malformed_rows(self) -> int:
-        """Malformed lines skipped so far (each period counted once, even if re-read)."""
+        """Malformed lines skipped so far (each period counted once, even if re-read).
+
+        Covers the periods this object read, plus those restored by :meth:`load_state_dict`.
+        """
         return sum(self.malformed_by_period.values())
+
+    @property
+    def damaged_files(self) -> list[str]:
+        """Files found damaged so far (read up to the damage; see the module docstring)."""
+        return sorted(self._damaged)
+
+    def state_dict(self) -> dict[str, dict[int, int]]:
+        """The malformed-line count of every period read so far (plain ints, for checkpoints)."""
+        return {"malformed_by_period": dict(self.malformed_by_period)}
+
+    def load_state_dict(self, state: dict[str, dict[int, int]]) -> None:
+        """Restore the counts of :meth:`state_dict` (a resumed run's earlier periods)."""
+        for p, n in state["malformed_by_period"].items():
+            self.malformed_by_period[int(p)] = int(n)
+
+    def count_malformed(self, p: int) -> int:
+        """Malformed lines of period ``p``, reading the period if it was not read yet.
+
+        The count is a function of the files alone, so it is the same whichever run reads it.
+        """
+        if p not in self.malformed_by_period:
+            for _ in self.period(p):
+                pass
+        return self.malformed_by_period[p]
+
+    def num_periods_at_least(self, n: int) -> bool:
+        """Whether the stream has ``n`` periods or more, reading at most ``(n-1) * R + 1`` lines
+        in ``rows_per_period`` mode (a cheap check of a run's length before it starts)."""
+        if self._num_periods is not None:
+            return self._num_periods >= n
+        needed = (n - 1) * self.rows_per_period + 1
+        lines = itertools.chain.from_iterable(self._lines(path) for path in self.paths)
+        return sum(1 for _ in itertools.islice(lines, needed)) >= needed
 
     def period(self, p: int) -> Iterator[Batch]:
         """The batches of period ``p``; the malformed lines are counted when it is exhausted."""
@@ -178,8 +236,29 @@ class CriteoStream:
 
     # ------------------------------------------------------------------ reading
     def _lines(self, path: str) -> Iterator[bytes]:
-        with _open(path) as fh:
-            yield from fh
+        """The lines of ``path``; a damaged file ends early with one :data:`_DAMAGED_TAIL`."""
+        try:
+            fh = _open(path)
+        except OSError as err:  # deleted or made unreadable since the construction
+            raise CriteoReadError(f"cannot open Criteo file {path}: {err}") from err
+        with fh:
+            lines = iter(fh)
+            read = 0
+            while True:
+                try:
+                    line = next(lines)
+                except StopIteration:
+                    return
+                except _DAMAGE_ERRORS as err:
+                    if path not in self._damaged:
+                        self._damaged.add(path)
+                        log.warning("Criteo file %s is damaged after %d line(s) (%s): the rest "
+                                    "of it is skipped and counted as one malformed line", path,
+                                    read, err or type(err).__name__)
+                    yield _DAMAGED_TAIL
+                    return
+                read += 1
+                yield line
 
     def _line_range(self, start: int, count: int) -> Iterator[bytes]:
         seen = 0
@@ -315,7 +394,7 @@ def _parse_line(line: bytes, sizes: list[int], dense_row: np.ndarray, sparse_row
         for f in range(CRITEO_NUM_SPARSE):
             v = cols[1 + CRITEO_NUM_DENSE + f]
             sparse_row[f] = hash_category(int(v, 16), f, sizes[f]) if v else 0
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number; a count beyond float64 (400 digits)
         return False
     labels[row] = 1.0 if cols[0] == b"1" else 0.0
     return True
