@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from adsparse.checks import check_block_size, check_density
+
 __all__ = ["main"]
 
 BENCHMARKS = ("kernels", "serving", "quality")
@@ -35,16 +37,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _block_size(text: str) -> tuple[int, int]:
-    parts = text.lower().replace("x", ",").split(",")
     try:
-        sizes = tuple(int(p) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid block size {text!r} (use 16 or 16x16)") from None
-    if len(sizes) == 1:
-        sizes = sizes * 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"invalid block size {text!r} (use 16 or 16x16)")
-    return sizes  # type: ignore[return-value]
+        return check_block_size(text, "block size")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (use 16 or 16x16)") from None
 
 
 def _positive_int(text: str) -> int:
@@ -62,13 +58,15 @@ def _density(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
-    return value
+    try:
+        return check_density(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
 
 
 def _parser() -> _Parser:
     from adsparse.online import Experiment, OnlineConfig
+    from adsparse.pruning import METHODS
 
     cfg, exp = OnlineConfig(), Experiment()
     parser = _Parser(prog="adsparse", description=__doc__,
@@ -86,7 +84,7 @@ def _parser() -> _Parser:
     run.add_argument("--block-size", type=_block_size, default=cfg.block_size,
                      help="16 or 16x16 (rows x columns)")
     run.add_argument("--preset", choices=("kaggle", "wide"), default=exp.preset)
-    run.add_argument("--pruner", choices=("learned", "uniform", "global", "lamp", "gmp"),
+    run.add_argument("--pruner", choices=METHODS,
                      default=cfg.pruner, help="pruner of prune_once and d2s (ad2s: learned)")
     run.add_argument("--r", type=_positive_int, default=cfg.r, help="d2s interval (periods)")
     run.add_argument("--periods", type=_positive_int, default=exp.periods)

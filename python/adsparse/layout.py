@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from adsparse.checks import check_block_size, check_density
+
 __all__ = ["BlockSparseWeight", "block_norms", "transpose_index"]
 
 
@@ -203,9 +205,7 @@ class BlockSparseWeight:
         """
         if dense.dim() != 2:
             raise ValueError(f"dense must be 2-D, got {dense.dim()}-D")
-        bn, bk = (int(b) for b in block_size)
-        if bn < 1 or bk < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        bn, bk = check_block_size(block_size)
         if mask is not None and density is not None:
             raise ValueError("give mask or density, not both")
         n, k = dense.shape
@@ -316,8 +316,7 @@ def block_weight_counts(shape: tuple[int, int], block_size: tuple[int, int]) -> 
 
 def block_mask_for_density(scores: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask keeping the ``round(density * numel)`` largest ``scores`` (ties: first)."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
+    density = check_density(density)
     flat = scores.flatten()
     keep = round(density * flat.numel())
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=scores.device)

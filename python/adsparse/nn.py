@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adsparse import ops
+from adsparse.checks import check_block_size, check_density
 from adsparse.layout import BlockSparseWeight, block_weight_counts
 
 __all__ = [
@@ -31,15 +32,6 @@ __all__ = [
 
 _INDEX_BUFFERS = ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 _GRANULARITIES = ("block", "element")
-
-
-def _block_size(block_size: tuple[int, int] | int) -> tuple[int, int]:
-    if isinstance(block_size, int):
-        block_size = (block_size, block_size)
-    bn, bk = (int(b) for b in block_size)
-    if bn < 1 or bk < 1:
-        raise ValueError(f"block_size must be >= 1 on both sides, got {block_size}")
-    return bn, bk
 
 
 def expand_block_mask(mask: torch.Tensor, block_size: tuple[int, int],
@@ -71,7 +63,7 @@ class SparseLinear(nn.Module):
         if in_features < 1 or out_features < 1:
             raise ValueError(f"features must be >= 1, got {(in_features, out_features)}")
         self.in_features, self.out_features = int(in_features), int(out_features)
-        self.block_size = _block_size(block_size)
+        self.block_size = check_block_size(block_size)
         self.granularity = granularity
         ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight = nn.Parameter(ref.weight.detach())
@@ -175,7 +167,7 @@ class BlockSparseLinear(nn.Module):
         of largest norm, else (for a block ``SparseLinear`` with the same block size) the
         layer's own mask, else all blocks. A ``SparseLinear`` contributes ``weight * mask``.
         """
-        block_size = _block_size(block_size)
+        block_size = check_block_size(block_size)
         if isinstance(linear, SparseLinear):
             dense = linear.masked_weight()
             if mask is None and density is None and linear.granularity == "block":
@@ -188,8 +180,8 @@ class BlockSparseLinear(nn.Module):
             dense = linear.weight
         else:
             raise TypeError(f"expected nn.Linear or SparseLinear, got {type(linear).__name__}")
-        if density is not None and not 0.0 < density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {density}")
+        if density is not None:
+            density = check_density(density)
         weight = BlockSparseWeight.from_dense(dense.detach(), block_size, mask=mask,
                                               density=density)
         return cls(weight, None if linear.bias is None else linear.bias.detach(), activation)

@@ -22,6 +22,7 @@ import os
 import torch
 
 from adsparse import _C  # noqa: F401  (loads the schemas and the CPU kernels)
+from adsparse.checks import check_block_size
 from adsparse.layout import BlockSparseWeight
 
 __all__ = [
@@ -210,9 +211,7 @@ def _block_dims(weight: torch.Tensor, mask: torch.Tensor,
                 f"got {tuple(mask.shape)}"
             )
         return 1, 1
-    bn, bk = (int(b) for b in block_size)
-    if bn < 1 or bk < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    bn, bk = check_block_size(block_size)
     grid = (-(-n // bn), -(-k // bk))
     if tuple(mask.shape) != grid:
         raise ValueError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from adsparse.checks import check_block_size, check_density
+
 __all__ = ["KINDS", "OnlineConfig", "StrategySpec", "parse_strategies"]
 
 KINDS = ("dense", "prune_once", "d2s", "ad2s")
@@ -55,10 +57,8 @@ class OnlineConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad knob."""
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if len(self.block_size) != 2 or min(self.block_size) < 1:
-            raise ValueError(f"block size must be two positive ints, got {self.block_size}")
+        check_density(self.density)
+        check_block_size(self.block_size, "block size")
         if self.distill_epochs < 0:
             raise ValueError(f"distill_epochs must be >= 0, got {self.distill_epochs}")
         if self.finetune_epochs < 0:
@@ -109,8 +109,9 @@ def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
             except ValueError:
                 raise ValueError(f"bad strategy option {opt!r} in {item!r} "
                                  "(use r=INT or density=FLOAT)") from None
-        if r < 1 or not 0.0 < density <= 1.0:
-            raise ValueError(f"strategy {item!r}: need r >= 1 and density in (0, 1]")
+        if r < 1:
+            raise ValueError(f"strategy {item!r}: need r >= 1")
+        check_density(density, f"strategy {item!r}: density")
         if kind == "dense":
             density = 1.0
         specs.append(StrategySpec(item.strip(), kind, density, r))
