@@ -12,7 +12,6 @@ import sys
 import pytest
 
 from adsparse.cli import main
-from adsparse.online.trainer import EXIT_AFTER_CODE, EXIT_AFTER_ENV
 
 TINY = ["run", "--periods", "3", "--samples-per-period", "256", "--batch-size", "64",
         "--max-table-rows", "40", "--prune-steps", "2", "--no-progress", "--seed", "5"]
@@ -82,31 +81,23 @@ def test_bad_input_from_the_console(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path):
-    args = [*TINY, "--samples-per-period", "192", "--strategies", "prune_once,d2s,ad2s"]
-    straight = _cli([*args, "--out", str(tmp_path / "straight")])
-    assert straight.returncode == 0, straight.stderr
+@pytest.mark.parametrize("change, option", [
+    (["--batch-size", "32"], "batch_size"),
+    (["--samples-per-period", "128"], "samples_per_period"),
+    (["--max-table-rows", "30"], "max_table_rows"),
+    (["--density", "0.5"], "config.density"),
+])
+def test_resume_refuses_changed_options(tmp_path, change, option):
+    """A checkpoint written with other data or model options is refused, naming them."""
     ckpt = tmp_path / "ckpt"
-    killed = _cli([*args, "--out", str(tmp_path / "a"), "--checkpoint-dir", str(ckpt)],
-                  env={EXIT_AFTER_ENV: "0"})
-    assert killed.returncode == EXIT_AFTER_CODE, killed.stderr
-    assert not (tmp_path / "a").exists() and (ckpt / "online.pt").exists()
-    resumed = _cli([*args, "--out", str(tmp_path / "b"), "--checkpoint-dir", str(ckpt)])
-    assert resumed.returncode == 0, resumed.stderr
-    a = json.loads((tmp_path / "straight" / "results.json").read_text())
-    b = json.loads((tmp_path / "b" / "results.json").read_text())
-    for name, s in a["strategies"].items():
-        got = b["strategies"][name]
-        assert [r["period"] for r in got["periods"]] == [0, 1, 2]  # none lost or repeated
-        for ra, rb in zip(s["periods"], got["periods"]):
-            assert rb["count"] == ra["count"]
-            assert rb["ne"] == pytest.approx(ra["ne"], rel=1e-5)
-            assert rb["auc"] == pytest.approx(ra["auc"], abs=1e-4)
-        assert [g["reason"] for g in got["regenerations"]] == [
-            g["reason"] for g in s["regenerations"]]
-    # A different command on the same checkpoint is refused in one line.
-    other = _cli([*args, "--density", "0.5", "--checkpoint-dir", str(ckpt)])
-    assert other.returncode == 1 and "different settings" in other.stderr
+    first = _cli([*TINY, "--periods", "2", "--strategies", "prune_once", "--out",
+                  str(tmp_path / "a"), "--checkpoint-dir", str(ckpt)])
+    assert first.returncode == 0, first.stderr
+    other = _cli([*TINY, "--periods", "2", "--strategies", "prune_once", *change,
+                  "--out", str(tmp_path / "b"), "--checkpoint-dir", str(ckpt)])
+    assert other.returncode == 1
+    assert "different settings" in other.stderr and option in other.stderr
+    assert other.stderr.strip().count("\n") == 0 and "Traceback" not in other.stderr
 
 
 def test_bench_runs_the_benchmark_file(tmp_path, monkeypatch, capsys):
@@ -123,23 +114,36 @@ def test_bench_runs_the_benchmark_file(tmp_path, monkeypatch, capsys):
     assert cli._load_benchmark("serving").__file__ == str(bench / "bench_serving.py")
 
 
-def test_run_on_criteo_files(tmp_path, capsys):
+def _criteo_files(folder, days: int, garbage: tuple[int, ...] = (), rows: int = 150
+                  ) -> list[str]:
+    """``days`` gzipped Criteo files of ``rows`` rows plus one malformed line each; the days in
+    ``garbage`` hold nothing but malformed lines."""
     import gzip
     import random
 
     rng = random.Random(7)
     paths = []
-    for day in range(3):
+    for day in range(days):
         lines = []
-        for _ in range(150):
+        for _ in range(rows):
             ints = [str(rng.randint(0, 60)) if rng.random() > 0.1 else "" for _ in range(13)]
             cats = [f"{rng.randint(0, 300):08x}" if rng.random() > 0.1 else "" for _ in range(26)]
             lines.append("\t".join([str(int(rng.random() < 0.25)), *ints, *cats]))
         lines.insert(40, "not\ta\tcriteo\trow")  # malformed: skipped and counted, not fatal
-        path = tmp_path / f"day_{day}.gz"
+        if day in garbage:
+            lines = ["garbage"] * len(lines)
+        path = folder / f"day_{day}.gz"
         with gzip.open(path, "wt") as f:
             f.write("\n".join(lines) + "\n")
         paths.append(str(path))
+    return paths
+
+
+CRITEO = ["--batch-size", "50", "--max-table-rows", "64", "--prune-steps", "2", "--no-progress"]
+
+
+def test_run_on_criteo_files(tmp_path, capsys):
+    paths = _criteo_files(tmp_path, 3)
     out = tmp_path / "run"
     assert main(["run", "--data", "criteo", "--paths", *paths, "--batch-size", "50",
                  "--max-table-rows", "64", "--prune-steps", "2", "--no-progress",
@@ -184,3 +188,98 @@ def test_sigkill_mid_period_resumes_to_the_same_numbers(tmp_path):
             assert rb["count"] == ra["count"]
             assert rb["ne"] == pytest.approx(ra["ne"], rel=1e-5)
     assert killed_mid_run, "the run finished before it could be killed; make it longer"
+
+
+# ----------------------------------------------------------------------------- reliability
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if the run itself starts: the checks must come before any work."""
+    import adsparse.online
+
+    def refuse(exp):
+        raise AssertionError("the run started before the bad input was noticed")
+
+    monkeypatch.setattr(adsparse.online, "run_experiment", refuse)
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--block-size", "1000"], {}, "no prunable layers"),
+    (["--density", "1e-9"], {}, "density 1e-09"),
+    (["--block-size", str(2**63)], {}, "--block-size"),
+    (["--seed", "-1"], {}, "--seed: expected an integer in [0, 4294967295]"),
+    (["--rows-per-period", "10"], {}, "--rows-per-period: only for --data criteo"),
+    ([], {"ADSPARSE_CPU_ISA": "bogus"}, "ADSPARSE_CPU_ISA must be one of"),
+    ([], {"ADSPARSE_BACKEND": "bogus"}, "ADSPARSE_BACKEND must be one of"),
+])
+def test_bad_settings_fail_before_the_run(args, env, message, no_run, monkeypatch, tmp_path,
+                                          capsys):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main([*TINY, *args, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adsparse: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_paths_are_checked_before_the_run(no_run, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "results.json").write_text("{}")
+    cases = [
+        (["--out", str(a_file)], "is not a folder"),
+        (["--out", "/proc/adsparse-x"], "cannot write into /proc/adsparse-x"),
+        (["--out", str(a_file / "sub")], "is not a folder"),
+        (["--out", str(earlier)], "already holds files"),
+        (["--out", str(tmp_path / "o"), "--checkpoint-dir", str(a_file / "ckpt")],
+         "--checkpoint-dir"),
+        (["--out", str(tmp_path / "o"), "--checkpoint-dir", "/proc/adsparse-x"],
+         "--checkpoint-dir: cannot write"),
+    ]
+    for args, message in cases:
+        assert main([*TINY, *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (args, err)
+    assert (earlier / "results.json").read_text() == "{}"  # earlier results untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "earlier"]  # no leftovers
+
+
+def test_criteo_options_that_would_be_ignored_are_refused(no_run, tmp_path, capsys):
+    paths = _criteo_files(tmp_path, 2, rows=20)
+    cases = [
+        (["--paths", *paths, "--periods", "5"], "--periods: not for --data criteo"),
+        (["--paths", *paths, "--samples-per-period", "64"], "--samples-per-period: not for"),
+        (["--paths", paths[0]], "all warm-up"),  # one file: every period is a warm-up
+        (["--paths", *paths, "--rows-per-period", "42"], "nothing to score"),  # 42 lines
+    ]
+    for args, message in cases:
+        assert main(["run", "--data", "criteo", *args, *CRITEO]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (args, err)
+
+
+def test_an_empty_period_is_reported_and_left_out_of_the_means(tmp_path, capsys):
+    paths = _criteo_files(tmp_path, 3, garbage=(1,))
+    out = tmp_path / "run"
+    assert main(["run", "--data", "criteo", "--paths", *paths, *CRITEO, "--strategies", "d2s",
+                 "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "1 (no samples)" in table and "nan" not in table
+    res = json.loads((out / "results.json").read_text())
+    summary = res["summary"]["d2s"]
+    assert summary["scored_periods"] == 1 and summary["unscored_periods"]["1"] == "no samples"
+    assert summary["mean_ne"] == res["strategies"]["d2s"]["periods"][2]["ne"]
+
+
+def test_a_run_that_scores_nothing_exits_non_zero(tmp_path, capsys):
+    paths = _criteo_files(tmp_path, 2, garbage=(1,), rows=60)
+    assert main(["run", "--data", "criteo", "--paths", *paths, *CRITEO, "--strategies", "dense",
+                 "--out", str(tmp_path / "a")]) == 1
+    assert "no period could be scored" in capsys.readouterr().err
+    # One sample per period: a single label class, NE undefined (it printed NE 248334).
+    assert main([*TINY, "--samples-per-period", "1", "--batch-size", "1", "--strategies", "dense",
+                 "--out", str(tmp_path / "b")]) == 1
+    captured = capsys.readouterr()
+    assert "no period could be scored" in captured.err and "NE undefined" in captured.out
+    assert "248334" not in captured.out

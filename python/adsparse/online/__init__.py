@@ -1,4 +1,4 @@
-"""Online training on a stream and the dense-to-sparse paradigms (DESIGN.md §5).
+"""Online training on a stream and the dense-to-sparse paradigms (docs/online.md).
 
 ``OnlineTrainer`` runs several strategies (``dense``, ``prune_once``, ``d2s``, ``ad2s``) over
 the same stream in one pass with progressive validation, checkpoints at each period end and
@@ -6,15 +6,15 @@ runs data parallel over processes; ``report`` turns the results into tables, fil
 """
 
 from adsparse.online.components import Components, default_components, loss_fn
-from adsparse.online.config import KINDS, OnlineConfig, StrategySpec, parse_strategies
+from adsparse.online.config import OnlineConfig, StrategySpec, parse_strategies, strategy_kinds
 from adsparse.online.distributed import DistContext, mask_digest, spawn
 from adsparse.online.experiment import Experiment, make_stream, run_experiment
 from adsparse.online.report import format_table, summarize, write_report
-from adsparse.online.strategies import DenseTrack, Strategy, make_strategy
+from adsparse.online.strategies import STRATEGIES, DenseTrack, Strategy, make_strategy
 from adsparse.online.trainer import OnlineTrainer
 
 __all__ = [
-    "KINDS",
+    "STRATEGIES",
     "Components",
     "DenseTrack",
     "DistContext",
@@ -32,6 +32,7 @@ __all__ = [
     "parse_strategies",
     "run_experiment",
     "spawn",
+    "strategy_kinds",
     "summarize",
     "write_report",
 ]

@@ -35,6 +35,10 @@ class MetricsLike(Protocol):
 
     def reset(self) -> None: ...
 
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
 
 @dataclass
 class Components:

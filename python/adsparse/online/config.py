@@ -6,9 +6,16 @@ from dataclasses import asdict, dataclass, field
 
 from adsparse.checks import check_block_size, check_density
 
-__all__ = ["KINDS", "OnlineConfig", "StrategySpec", "parse_strategies"]
+__all__ = ["HANDOVERS", "OnlineConfig", "StrategySpec", "parse_strategies", "strategy_kinds"]
 
-KINDS = ("dense", "prune_once", "d2s", "ad2s")
+HANDOVERS = ("challenger", "immediate")
+
+
+def strategy_kinds() -> list[str]:
+    """The strategy kinds, read from the one registry (``strategies.STRATEGIES``)."""
+    from adsparse.online.strategies import STRATEGIES  # the registry imports this module
+
+    return list(STRATEGIES)
 
 
 @dataclass
@@ -25,30 +32,31 @@ class OnlineConfig:
     pruner: str = "learned"  # the pruner of prune_once and d2s; ad2s always uses "learned"
     prune_steps: int = 100  # optimisation steps of one pruning transition
     buffer_batches: int = 64  # recent mini-batches kept for the transition (a period)
-    # Epochs over the buffer that a new sparse model trains, pattern fixed, before it serves.
-    # Off: on the default stream 1 epoch changed d2s (r=1) from +2.67% to +2.58% NE and
-    # 3 epochs overfitted the recent batches (+20%); see benchmarks/RESULTS.md.
-    finetune_epochs: int = 0
+    prune_batches: int = 64  # the last this many of them are what the pruner sees
     # Epochs over the buffer in which a new model learns the dense model's predictions after
-    # hardening (see strategies._distill).
+    # hardening (see regeneration.distill).
     distill_epochs: int = 1
-    # A new sparse model starts from the dense model's Adam state (see strategies.carry_adam_state)
+    # A new sparse model starts from the dense model's Adam state (regeneration.carry_adam_state)
     carry_optimizer: bool = True
     lr: float = 3e-3
     warmup_periods: int = 1
     r: int = 1  # d2s regeneration interval, in periods
-    window_batches: int = 16  # ad2s: NE gap and mask drift are measured per window
-    ne_tolerance: float = 0.005  # ad2s: regenerate when (NE_sparse - NE_dense)/NE_dense exceeds
-    # this and the gap a fresh sparse model showed (see AD2SStrategy)
+    # How a regenerated model starts serving: "challenger" (trains beside the serving model and
+    # takes over only when better on the recent windows) or "immediate" (serves at once).
+    handover: str = "challenger"
+    handover_windows: int = 4  # windows over which challenger and champion are compared
+    handover_margin: float = 0.0  # relative log-loss lead the challenger needs to take over
+    challenger_patience: int = 16  # windows after which a challenger that has not won is dropped
+    window_batches: int = 16  # NE gaps, handovers and the ad2s triggers work per window
+    # ad2s: regenerate when the mean gap of the last min_interval windows has grown by more
+    # than this (relative NE) above its lowest value since the last regeneration (AD2SStrategy)
+    ne_tolerance: float = 0.005
     drift_bound: float = 0.5  # ad2s: ... or when this share of the serving mask would change
-    # ad2s: windows between regenerations, at least ... (two periods: on the default stream a
-    # new model costs about 1% NE in its first period, 4 windows gave +0.89% with 4
-    # regenerations, 8 windows +0.90% with 1; see benchmarks/RESULTS.md)
-    min_interval: int = 8
+    min_interval: int = 8  # ad2s: windows between regenerations, at least ...
     max_interval: int = 32  # ... and at most
     device: str = "cpu"
     seed: int = 0
-    strategies: list[str] = field(default_factory=lambda: list(KINDS))
+    strategies: list[str] = field(default_factory=lambda: ["dense", "prune_once", "d2s", "ad2s"])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -61,16 +69,21 @@ class OnlineConfig:
         check_block_size(self.block_size, "block size")
         if self.distill_epochs < 0:
             raise ValueError(f"distill_epochs must be >= 0, got {self.distill_epochs}")
-        if self.finetune_epochs < 0:
-            raise ValueError(f"finetune_epochs must be >= 0, got {self.finetune_epochs}")
-        for name in ("prune_steps", "buffer_batches", "r", "window_batches", "min_interval",
-                     "max_interval"):
+        for name in ("prune_steps", "buffer_batches", "prune_batches", "r", "window_batches",
+                     "min_interval", "max_interval", "handover_windows", "challenger_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_periods < 1:
             raise ValueError(f"warmup_periods must be >= 1, got {self.warmup_periods}")
         if self.max_interval < self.min_interval:
             raise ValueError("max_interval must be >= min_interval")
+        if self.handover not in HANDOVERS:
+            raise ValueError(f"handover must be one of {', '.join(HANDOVERS)}, got "
+                             f"{self.handover!r}")
+        if not 0.0 <= self.handover_margin < 1.0:
+            raise ValueError(f"handover_margin must be in [0, 1), got {self.handover_margin}")
+        if self.challenger_patience < self.handover_windows:
+            raise ValueError("challenger_patience must be >= handover_windows")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         parse_strategies(self.strategies, self)
@@ -78,25 +91,29 @@ class OnlineConfig:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """One strategy of a run: its kind and the density / interval it uses."""
+    """One strategy of a run: its kind and the density, interval and handover it uses."""
 
     name: str
     kind: str
     density: float
     r: int
+    handover: str = "challenger"
 
 
 def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
-    """Parse ``kind[:r=R][:density=D]`` items (``d2s:r=2``, ``ad2s:density=0.05``).
+    """Parse ``kind[:r=R][:density=D][:handover=H]`` items (``d2s:r=2``, ``ad2s:density=0.05``,
+    ``ad2s:handover=immediate``).
 
-    Plain kinds take ``cfg.density`` and ``cfg.r``; the item text is the strategy's name.
+    Plain kinds take ``cfg.density``, ``cfg.r`` and ``cfg.handover``; the item text is the
+    strategy's name.
     """
+    kinds = strategy_kinds()
     specs: list[StrategySpec] = []
     for item in items:
         kind, *opts = item.strip().split(":")
-        if kind not in KINDS:
-            raise ValueError(f"unknown strategy {kind!r} (choose from {', '.join(KINDS)})")
-        density, r = cfg.density, cfg.r
+        if kind not in kinds:
+            raise ValueError(f"unknown strategy {kind!r} (choose from {', '.join(kinds)})")
+        density, r, handover = cfg.density, cfg.r, cfg.handover
         for opt in opts:
             key, _, value = opt.partition("=")
             try:
@@ -104,17 +121,19 @@ def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
                     r = int(value)
                 elif key == "density":
                     density = float(value)
+                elif key == "handover" and value in HANDOVERS:
+                    handover = value
                 else:
                     raise ValueError
             except ValueError:
-                raise ValueError(f"bad strategy option {opt!r} in {item!r} "
-                                 "(use r=INT or density=FLOAT)") from None
+                raise ValueError(f"bad strategy option {opt!r} in {item!r} (use r=INT, "
+                                 f"density=FLOAT or handover={'|'.join(HANDOVERS)})") from None
         if r < 1:
             raise ValueError(f"strategy {item!r}: need r >= 1")
         check_density(density, f"strategy {item!r}: density")
         if kind == "dense":
             density = 1.0
-        specs.append(StrategySpec(item.strip(), kind, density, r))
+        specs.append(StrategySpec(item.strip(), kind, density, r, handover))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"strategies repeat a name: {names}")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from adsparse.online.config import OnlineConfig
 from adsparse.online.distributed import DistContext, spawn
 from adsparse.online.trainer import OnlineTrainer
 
-__all__ = ["Experiment", "make_stream", "run_experiment"]
+__all__ = ["Experiment", "data_fingerprint", "make_stream", "run_experiment"]
 
 SYNTHETIC_TABLE_ROWS = 2000
 
@@ -66,6 +67,20 @@ def make_stream(exp: Experiment) -> Any:
     raise ValueError(f"unknown data {exp.data!r} (choose synthetic or criteo)")
 
 
+def data_fingerprint(exp: Experiment) -> dict[str, Any]:
+    """Every option of ``exp`` besides the config that changes the data or the model.
+
+    Criteo files are identified by name and size (hashing gigabytes at every resume would cost
+    minutes); a file replaced by one of the same size is the user's to notice.
+    """
+    files = [[Path(p).name, Path(p).stat().st_size if Path(p).exists() else None]
+             for p in exp.paths]
+    return {"data": exp.data, "paths": files, "rows_per_period": exp.rows_per_period,
+            "preset": exp.preset, "model": exp.model, "periods": exp.periods,
+            "samples_per_period": exp.samples_per_period, "batch_size": exp.batch_size,
+            "max_table_rows": exp.max_table_rows}
+
+
 def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> dict[str, Any]:
     if exp.threads is not None:
         torch.set_num_threads(exp.threads)
@@ -76,7 +91,7 @@ def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> di
     comps = default_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
                                exp.cfg.seed, exp.model)
     trainer = OnlineTrainer(stream, exp.cfg, comps, ctx, exp.checkpoint_dir,
-                            progress=exp.progress)
+                            progress=exp.progress, data_fingerprint=data_fingerprint(exp))
     results = trainer.run()
     results["experiment"] = {"data": exp.data, "preset": exp.preset, "periods": exp.periods,
                              "samples_per_period": exp.samples_per_period,
@@ -86,8 +101,8 @@ def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> di
         # Only the periods this process read (a resumed run does not re-read earlier ones).
         results["experiment"]["malformed_rows"] = int(stream.malformed_rows)
     if result_path is not None and ctx.is_main:
-        with open(result_path, "wb") as f:
-            pickle.dump(results, f)
+        # JSON, not pickle: reading the results back must not be able to run code.
+        Path(result_path).write_text(json.dumps(results))
     return results
 
 
@@ -96,11 +111,10 @@ def run_experiment(exp: Experiment) -> dict[str, Any]:
     exp.cfg.validate()
     if exp.nproc == 1:
         return _rank_main(DistContext(), exp, None)
-    fd, path = tempfile.mkstemp(suffix=".pkl")
+    fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
     try:
         spawn(_rank_main, exp.nproc, (exp, path), device=exp.cfg.device)
-        with open(path, "rb") as f:
-            return pickle.load(f)
+        return json.loads(Path(path).read_text())
     finally:
         os.unlink(path)
