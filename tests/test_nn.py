@@ -28,14 +28,14 @@ def _mlp(seed: int, dims=(37, 50, 23, 3)) -> nn.Sequential:
 def _float64_reference(model: nn.Module) -> nn.Module:
     """The same function in float64, every sparse layer replaced by its masked dense nn.Linear."""
     ref = copy.deepcopy(model)
-    for fqn, m in list(ref.named_modules()):
+    for _, m in list(ref.named_modules()):
         if isinstance(m, SparseLinear):
             lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(m.masked_weight())
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
-            ref = adsparse.nn._replace(ref, fqn, lin)
+            ref = adsparse.nn._replace(ref, m, lin)
     densify_(ref)
     return ref.double()
 
@@ -208,3 +208,55 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(xc.grad, x.grad)
     for g, p in zip(grads, full.parameters()):
         torch.testing.assert_close(p.grad, g)
+
+
+# --------------------------------------------------------------------------- reliability
+def test_shared_layer_stays_shared_through_sparsify_and_densify():
+    torch.manual_seed(20)
+    tied = nn.Linear(32, 32)
+    model = nn.Sequential(tied, nn.ReLU(), tied)
+    x = torch.randn(5, 32)
+    sparsify_(model, density=0.5)
+    assert isinstance(model[0], BlockSparseLinear) and model[2] is model[0]
+    assert len(list(model.parameters())) == 2  # one values, one bias: still tied
+    model(x).sum().backward()
+    assert model[0].values.grad is not None
+    densify_(model)
+    assert isinstance(model[0], nn.Linear) and model[2] is model[0]
+    torch.testing.assert_close(model(x), model[2](torch.relu(model[0](x))))
+    # masks may name a shared layer by any of its names
+    model = nn.Sequential(tied, nn.ReLU(), tied)
+    sparsify_(model, masks={"2": torch.tensor([[True, False], [False, True]])})
+    assert model[0] is model[2] and model[0].block_mask().sum() == 2
+    model = nn.Sequential(tied, nn.ReLU(), tied)
+    with pytest.raises(ValueError, match="different masks"):
+        sparsify_(model, masks={"0": torch.ones(2, 2), "2": torch.eye(2)})
+
+
+def test_small_layer_keeps_at_least_one_block():
+    torch.manual_seed(21)
+    model = sparsify_(nn.Sequential(nn.Linear(64, 1)), density=0.1)  # round(0.4) = 0 blocks
+    layer = model[0]
+    assert layer.values.shape[0] == 1
+    # the kept block is the one of largest norm
+    lin = nn.Linear(64, 1)
+    norms = lin.weight.detach().reshape(4, 16).norm(dim=1)
+    kept = BlockSparseLinear.from_dense(lin, density=0.01)
+    assert kept.block_mask()[0].nonzero().flatten().tolist() == [int(norms.argmax())]
+    assert kept(torch.randn(3, 64)).abs().sum() > 0
+
+
+def test_load_state_dict_rejects_other_transposed_index_or_activation():
+    model = sparsify_(_mlp(22, dims=(48, 48)), density=0.5)
+    state = model.state_dict()
+    ids = state["0.t_block_ids"]
+    assert ids.numel() >= 2
+    altered = dict(state, **{"0.t_block_ids": ids.flip(0)})  # main index unchanged
+    other = sparsify_(_mlp(22, dims=(48, 48)), density=0.5)
+    with pytest.raises(RuntimeError, match=r"BlockSparseLinear 0: .*transposed index"):
+        other.load_state_dict(altered)
+    with pytest.raises(ValueError, match="transposed index"):
+        load_sparse_state_dict(other, altered)
+    relu = BlockSparseLinear(model[0].weight(), model[0].bias, activation="relu")
+    with pytest.raises(RuntimeError, match="activation"):
+        relu.load_state_dict(model[0].state_dict())

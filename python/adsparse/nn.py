@@ -19,7 +19,12 @@ from torch import nn
 
 from adsparse import ops
 from adsparse.checks import check_block_size, check_density
-from adsparse.layout import BlockSparseWeight, block_weight_counts
+from adsparse.layout import (
+    BlockSparseWeight,
+    block_mask_for_density,
+    block_norms,
+    block_weight_counts,
+)
 
 __all__ = [
     "BlockSparseLinear",
@@ -40,6 +45,17 @@ def expand_block_mask(mask: torch.Tensor, block_size: tuple[int, int],
     bn, bk = block_size
     n, k = shape
     return mask.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:n, :k]
+
+
+def _top_blocks(dense: torch.Tensor, block_size: tuple[int, int], density: float) -> torch.Tensor:
+    """Block mask of the ``round(density * blocks)`` blocks of largest norm, and at least one:
+    ``Linear(64, 1)`` at density 0.1 would otherwise keep round(0.4) = 0 blocks, silently
+    leaving only the bias (``Pruner`` refuses such a target; a module-level call keeps one)."""
+    scores = block_norms(dense, block_size)
+    mask = block_mask_for_density(scores, density)
+    if not bool(mask.any()):
+        mask.view(-1)[int(scores.flatten().argmax())] = True
+    return mask
 
 
 class SparseLinear(nn.Module):
@@ -164,8 +180,9 @@ class BlockSparseLinear(nn.Module):
         """Pack an ``nn.Linear`` or a ``SparseLinear``.
 
         The blocks kept are given by a block-grid ``mask``, else the ``density`` share of blocks
-        of largest norm, else (for a block ``SparseLinear`` with the same block size) the
-        layer's own mask, else all blocks. A ``SparseLinear`` contributes ``weight * mask``.
+        of largest norm (at least one block, so a small layer never loses all its weights),
+        else (for a block ``SparseLinear`` with the same block size) the layer's own mask, else
+        all blocks. A ``SparseLinear`` contributes ``weight * mask``.
         """
         block_size = check_block_size(block_size)
         if isinstance(linear, SparseLinear):
@@ -182,6 +199,8 @@ class BlockSparseLinear(nn.Module):
             raise TypeError(f"expected nn.Linear or SparseLinear, got {type(linear).__name__}")
         if density is not None:
             density = check_density(density)
+            if mask is None:
+                mask, density = _top_blocks(dense.detach(), block_size, density), None
         weight = BlockSparseWeight.from_dense(dense.detach(), block_size, mask=mask,
                                               density=density)
         return cls(weight, None if linear.bias is None else linear.bias.detach(), activation)
@@ -241,13 +260,23 @@ class BlockSparseLinear(nn.Module):
                 f"{mine['block_size']}"
             )
             return
-        for name in ("row_offsets", "col_indices"):
+        if extra is not None and extra.get("activation") != mine["activation"]:
+            error_msgs.append(
+                f"BlockSparseLinear {layer}: checkpoint has activation {extra.get('activation')!r},"
+                f" module has {mine['activation']!r}"
+            )
+            return
+        # All five index tensors: the transposed index (t_*) drives the input gradient, so a
+        # checkpoint whose t_* disagree with its own forward index must not load silently.
+        for name in _INDEX_BUFFERS:
             saved = state_dict.get(prefix + name)
             if saved is not None and not torch.equal(saved.cpu(), getattr(self, name).cpu()):
+                what = ("sparsity pattern" if name in ("row_offsets", "col_indices")
+                        else "transposed index")
                 error_msgs.append(
-                    f"BlockSparseLinear {layer}: the checkpoint's sparsity pattern ({name}) "
+                    f"BlockSparseLinear {layer}: the checkpoint's {what} ({name}) "
                     "differs from the module's; rebuild the module with "
-                    "adsparse.nn.load_sparse_state_dict"
+                    "adsparse.nn.load_sparse_state_dict (which also validates the index)"
                 )
                 return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
@@ -274,13 +303,25 @@ def prunable_layers(
             if isinstance(m, types) and (filter_fn is None or filter_fn(m, fqn))]
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module) -> nn.Module:
-    if fqn == "":
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+    """Put ``new`` in every place that holds ``old``, so a layer used twice (tied weights,
+    ``Sequential(l, ReLU(), l)``) stays one shared layer; returns the (possibly new) root."""
+    if model is old:
         return new
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, name, new)
     return model
+
+
+def _names(model: nn.Module, types: tuple[type, ...]) -> dict[int, list[str]]:
+    """Every name of every layer of ``types``, by layer identity (a shared layer has several)."""
+    names: dict[int, list[str]] = {}
+    for fqn, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, types):
+            names.setdefault(id(m), []).append(fqn)
+    return names
 
 
 def sparsify_(model: nn.Module, density: float | None = None,
@@ -292,22 +333,34 @@ def sparsify_(model: nn.Module, density: float | None = None,
     With ``masks`` (``{fqn: block-grid mask}``, e.g. from a pruner) exactly those layers are
     replaced; otherwise every layer selected by ``filter_fn(module, fqn)`` is, keeping the
     ``density`` share of blocks of largest norm (or, for a block ``SparseLinear``, its own mask).
+    With ``density``, every layer keeps at least its one largest block, however small the layer
+    (``Linear(64, 1)`` at density 0.1 has 4 blocks of 16 columns: 0.4 rounds to 1, not 0).
+    A layer used in several places (tied weights) becomes one shared ``BlockSparseLinear`` in
+    all of them; ``masks`` may name it by any of its names (with equal masks).
     Returns the model (a bare ``nn.Linear`` passed as ``model`` is returned replaced).
     """
+    names = _names(model, (nn.Linear, SparseLinear))
     if masks is not None:
-        known = dict(prunable_layers(model))
-        unknown = sorted(set(masks) - set(known))
+        unknown = sorted(set(masks) - {fqn for aliases in names.values() for fqn in aliases})
         if unknown:
             raise ValueError(f"masks name layers that are not nn.Linear/SparseLinear: {unknown}")
     selected = prunable_layers(model, filter_fn)
-    if masks is not None:
-        selected = [(fqn, m) for fqn, m in selected if fqn in masks]
-    elif density is None:
+    chosen: dict[str, torch.Tensor | None] = {}
+    for fqn, module in selected:
+        given = [] if masks is None else [a for a in names[id(module)] if a in masks]
+        if masks is None:
+            chosen[fqn] = None
+        elif given:
+            if any(not torch.equal(masks[a], masks[given[0]]) for a in given[1:]):
+                raise ValueError(f"layer shared as {given} is given different masks")
+            chosen[fqn] = masks[given[0]]
+    selected = [(fqn, m) for fqn, m in selected if fqn in chosen]
+    if masks is None and density is None:
         plain = [fqn for fqn, m in selected if not isinstance(m, SparseLinear)]
         if plain:
             raise ValueError(f"give density or masks to sparsify nn.Linear layers {plain}")
     for fqn, module in selected:
-        mask = None if masks is None else masks[fqn]
+        mask = chosen[fqn]
         element = isinstance(module, SparseLinear) and module.granularity == "element"
         if mask is not None and element:
             raise ValueError(f"layer {fqn!r} has an element mask; block-sparse needs a block mask")
@@ -316,14 +369,15 @@ def sparsify_(model: nn.Module, density: float | None = None,
                                                block_size=block_size)
         except ValueError as err:
             raise ValueError(f"layer {fqn!r}: {err}") from err
-        model = _replace(model, fqn, new)
+        model = _replace(model, module, new)
     return model
 
 
 def densify_(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
-    """Replace every :class:`BlockSparseLinear` by the equivalent ``nn.Linear``, in place."""
-    for fqn, module in prunable_layers(model, filter_fn, types=(BlockSparseLinear,)):
-        model = _replace(model, fqn, module.to_dense())
+    """Replace every :class:`BlockSparseLinear` by the equivalent ``nn.Linear``, in place
+    (a layer used in several places becomes one shared ``nn.Linear``)."""
+    for _, module in prunable_layers(model, filter_fn, types=(BlockSparseLinear,)):
+        model = _replace(model, module, module.to_dense())
     return model
 
 
@@ -345,6 +399,6 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
                                    index["t_block_ids"])
         bias = state_dict.get(prefix + "bias")
         new = BlockSparseLinear(weight, bias, module.activation).to(module.values.device)
-        model = _replace(model, fqn, new)
+        model = _replace(model, module, new)
     model.load_state_dict(state_dict, strict=strict)
     return model
