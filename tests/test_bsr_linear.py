@@ -397,3 +397,43 @@ def test_weight_built_from_strided_index_views():
     w2 = BlockSparseWeight(w.values, ro, ci, w.shape)
     x = torch.randn(3, 30)
     assert torch.equal(bsr_linear(x, w2), bsr_linear(x, w))
+
+
+# --------------------------------------------------------------------------- reliability
+@pytest.mark.parametrize("wrt", ["values", "x"])
+def test_double_backward_raises_instead_of_zero_gradients(wrt):
+    from adsparse.ops import masked_linear
+
+    torch.manual_seed(30)
+    w = random_bsr(32, 32, (16, 16), 0.5)
+    values = w.values.clone().requires_grad_()
+    x = torch.randn(4, 32, requires_grad=True)
+    y = bsr_linear(x, w.with_values(values), None, "relu")
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="bsr_linear: double backward is not supported"):
+        torch.autograd.grad(gx.sum(), values if wrt == "values" else x)
+    weight = torch.randn(32, 32, requires_grad=True)
+    y = masked_linear(x, weight, torch.ones(2, 2), block_size=(16, 16))
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="masked_linear: double backward is not supported"):
+        torch.autograd.grad(gx.sum(), weight if wrt == "values" else x)
+    # First-order gradients with create_graph=True (and without) still work.
+    y = bsr_linear(x, w.with_values(values))
+    (gv,) = torch.autograd.grad(y.sum(), values, create_graph=True)
+    assert gv.abs().sum() > 0
+
+
+def test_bad_backend_env_fails_at_first_use_not_at_import():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import adsparse, torch\n"
+            "layer = adsparse.SparseLinear(4, 4, block_size=2)\n"
+            "try:\n    layer(torch.randn(2, 4))\n"
+            "except ValueError as err:\n    print('refused:', err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "ADSPARSE_BACKEND": "bogus"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: ADSPARSE_BACKEND must be one of" in proc.stdout and "'bogus'" in proc.stdout
+    assert "Traceback" not in proc.stderr

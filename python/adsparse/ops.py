@@ -12,7 +12,10 @@ The schemas live in ``csrc/registration.cpp`` (one definition each) and the CPU 
 
 Backend selection (read once, at import): ``ADSPARSE_BACKEND=triton`` also routes CPU tensors
 through the Triton kernels (run them with ``TRITON_INTERPRET=1``); ``ADSPARSE_BACKEND=cpp``
-forces the C++ kernels (CUDA tensors then raise); unset, the tensor's device decides.
+forces the C++ kernels (CUDA tensors then raise); unset, the tensor's device decides. Any other
+value does not break ``import adsparse``: the first call of an op (or of :func:`backend`) raises
+a ``ValueError`` naming it (a typo must not silently run another backend), and the ``adsparse``
+CLI refuses it up front.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from adsparse.layout import BlockSparseWeight
 __all__ = [
     "ACTIVATIONS",
     "backend",
+    "backend_error",
     "bsr_linear",
     "bsr_linear_indexed",
     "masked_linear",
@@ -40,17 +44,27 @@ _BACKENDS = ("auto", "cpp", "triton")
 
 def backend() -> str:
     """The backend chosen by ``ADSPARSE_BACKEND`` at import: ``auto``, ``cpp`` or ``triton``."""
+    _check_backend()
     return _BACKEND
 
 
-def _read_backend() -> str:
-    value = os.environ.get("ADSPARSE_BACKEND", "auto").strip().lower() or "auto"
-    if value not in _BACKENDS:
-        raise ValueError(f"ADSPARSE_BACKEND must be one of {_BACKENDS}, got {value!r}")
-    return value
+def backend_error(value: str | None) -> str | None:
+    """Why ``value`` is not a valid ``ADSPARSE_BACKEND`` (``None`` if it is, or is unset)."""
+    if value is None or value.strip().lower() in _BACKENDS + ("",):
+        return None
+    return f"ADSPARSE_BACKEND must be one of {', '.join(_BACKENDS)}, got {value!r}"
 
 
-_BACKEND = _read_backend()
+# A bad value must not make the import itself fail (a traceback in every program that merely
+# imports adsparse): it is kept here and raised by the first op call (_check_backend).
+_BACKEND_ERROR = backend_error(os.environ.get("ADSPARSE_BACKEND"))
+_BACKEND = ("auto" if _BACKEND_ERROR else
+            os.environ.get("ADSPARSE_BACKEND", "").strip().lower() or "auto")
+
+
+def _check_backend() -> None:
+    if _BACKEND_ERROR is not None:
+        raise ValueError(f"{_BACKEND_ERROR} (read when adsparse was imported)")
 
 
 def _activation_code(activation: str | None) -> int:
@@ -134,6 +148,7 @@ def bsr_linear_indexed(
     Only cheap metadata checks run here; the index itself was validated when the layout was
     built, and the kernels bound-check it again.
     """
+    _check_backend()
     n, k = shape
     x2 = _flatten_input(x, k)
     _check_operand(values, "weight.values", x2, "x")
@@ -238,6 +253,7 @@ def masked_linear(
     Tiles whose mask is all zero are skipped, so a NaN/inf in ``x`` or ``weight`` under a zero
     mask may or may not reach the output (it does on the dense route, not on the skipping one).
     """
+    _check_backend()
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [N, K]")
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
@@ -297,6 +313,33 @@ def _masked_backward(ctx, grad):
 
 torch.library.register_autograd("adsparse::masked_linear", _masked_backward,
                                 setup_context=_masked_setup_context)
+
+
+# --------------------------------------------------------------------------- no double backward
+def _refuse_double_backward(op: str):
+    """The backward of a backward kernel: raise, rather than let autograd's fallback treat the
+    kernel as constant (a second derivative through ``values`` came out silently all zeros)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"adsparse.{op}: double backward is not supported (the gradient of its gradient, "
+            "e.g. autograd.grad(..., create_graph=True) then a second backward); use "
+            "nn.Linear / torch.matmul for models that need second derivatives"
+        )
+
+    return backward
+
+
+def _no_context(ctx, inputs, output) -> None:
+    pass
+
+
+for _name, _op in (("bsr_linear_backward_input", "bsr_linear"),
+                   ("bsr_linear_backward_weight", "bsr_linear"),
+                   ("masked_linear_backward_input", "masked_linear"),
+                   ("masked_linear_backward_params", "masked_linear")):
+    torch.library.register_autograd(f"adsparse::{_name}", _refuse_double_backward(_op),
+                                    setup_context=_no_context)
 
 
 # --------------------------------------------------------------------------- backends
