@@ -7,14 +7,22 @@
 Bad options print one line (``adsparse: error: ...``) and exit with status 2, no traceback;
 errors from the data or a stale checkpoint print one line and exit with status 1
 (``ADSPARSE_DEBUG=1`` re-raises them with the traceback).
+
+``adsparse run`` checks before any work: the environment switches (``ADSPARSE_BACKEND``,
+``ADSPARSE_CPU_ISA``), options that do not apply to the chosen data, that ``--out`` and
+``--checkpoint-dir`` can be written (and that ``--out`` holds no earlier results), that the
+data has a period to score after the warm-up, and that every strategy's pruner accepts the
+model at its density and block size. A run in which no period could be scored exits with 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +33,7 @@ __all__ = ["main"]
 
 BENCHMARKS = ("kernels", "serving", "quality")
 _REPO = Path(__file__).resolve().parents[2]
+_MAX_SEED = 2**32 - 1  # numpy and torch both take it; larger seeds buy nothing
 
 
 class UsageError(Exception):
@@ -64,6 +73,16 @@ def _density(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, {_MAX_SEED}], got {text!r}")
+    return value
+
+
 def _parser() -> _Parser:
     from adsparse.online import Experiment, OnlineConfig
     from adsparse.pruning import METHODS
@@ -87,22 +106,26 @@ def _parser() -> _Parser:
     run.add_argument("--pruner", choices=METHODS,
                      default=cfg.pruner, help="pruner of prune_once and d2s (ad2s: learned)")
     run.add_argument("--r", type=_positive_int, default=cfg.r, help="d2s interval (periods)")
-    run.add_argument("--periods", type=_positive_int, default=exp.periods)
-    run.add_argument("--samples-per-period", type=_positive_int, default=exp.samples_per_period)
+    # None = not given: Criteo refuses them (its periods are its files or --rows-per-period).
+    run.add_argument("--periods", type=_positive_int, default=None,
+                     help=f"synthetic: periods (default {exp.periods})")
+    run.add_argument("--samples-per-period", type=_positive_int, default=None,
+                     help=f"synthetic: samples per period (default {exp.samples_per_period})")
     run.add_argument("--batch-size", type=_positive_int, default=exp.batch_size)
     run.add_argument("--max-table-rows", type=_positive_int, default=exp.max_table_rows,
                      help="rows of each embedding table (synthetic: cap, default 2000; "
                           "criteo: hash size, default 32768)")
     run.add_argument("--prune-steps", type=_positive_int, default=cfg.prune_steps,
                      help="optimisation steps of each pruning transition")
-    run.add_argument("--seed", type=int, default=cfg.seed)
+    run.add_argument("--seed", type=_seed, default=cfg.seed)
     run.add_argument("--checkpoint-dir", default=None,
                      help="save at every period end; rerun the same command to resume")
     run.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes")
     run.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     run.add_argument("--threads", type=_positive_int, default=exp.threads,
                      help="torch threads per process (default 1: fastest on a shared machine)")
-    run.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    run.add_argument("--out", default=None,
+                     help="output folder, new or empty (default runs/<timestamp>[-N])")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     bench = sub.add_parser("bench", help="run a benchmark of benchmarks/")
     bench.add_argument("which", choices=BENCHMARKS)
@@ -127,6 +150,125 @@ def _check_device(device: str, nproc: int) -> None:
         raise UsageError(f"argument --device: expected cpu or cuda, got {device!r}")
 
 
+def _check_environment() -> None:
+    """The switches read from the environment, checked before they could fail mid-run."""
+    import torch
+
+    from adsparse import ops
+
+    error = ops.backend_error(os.environ.get("ADSPARSE_BACKEND"))
+    if error is not None:
+        raise UsageError(error)
+    try:
+        torch.ops.adsparse.selected_cpu_isa()  # the sparse kernels read it on every call
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+
+
+def _check_data_options(args: argparse.Namespace) -> None:
+    """Options that do not apply to the chosen data are refused, not silently ignored."""
+    if args.data == "criteo":
+        if not args.paths:
+            raise UsageError("--data criteo needs --paths FILE [FILE ...]")
+        missing = [p for p in args.paths if not Path(p).is_file()]
+        if missing:
+            raise UsageError(f"argument --paths: no such file: {missing[0]}")
+        for option, value in (("--periods", args.periods),
+                              ("--samples-per-period", args.samples_per_period)):
+            if value is not None:
+                raise UsageError(f"argument {option}: not for --data criteo (its periods are "
+                                 "its files, or --rows-per-period lines; pass fewer --paths "
+                                 "for a shorter run)")
+    else:
+        if args.paths:
+            raise UsageError("--paths is only for --data criteo")
+        if args.rows_per_period is not None:
+            raise UsageError("argument --rows-per-period: only for --data criteo (synthetic "
+                             "data uses --samples-per-period)")
+
+
+def _check_writable(path: Path, option: str) -> None:
+    """Fail now, not after the run, if ``path`` cannot become a folder we write files into.
+
+    Creates the missing folders and a probe file, then removes what it created, so a run that
+    stops before its end leaves nothing behind.
+    """
+    missing = []
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"argument {option}: {existing} is not a folder")
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".adsparse-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"argument {option}: cannot write into {path} "
+                         f"({err.strerror or err})") from None
+    finally:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):  # someone else put a file there meanwhile
+                folder.rmdir()
+
+
+def _output_dir(out: str | None) -> Path:
+    """The run's output folder: new or empty, and writable. An explicit ``--out`` that holds
+    files is refused (earlier results are never overwritten); the default folder
+    ``runs/<timestamp>`` gets a ``-2``, ``-3``, ... suffix if that name is taken."""
+    if out is None:
+        base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        path, n = base, 1
+        while path.exists():
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    else:
+        path = Path(out)
+        if path.is_dir() and any(path.iterdir()):
+            raise UsageError(f"argument --out: {path} already holds files (earlier results?); "
+                             "choose a new or empty folder")
+    _check_writable(path, "--out")
+    return path
+
+
+def _preflight(exp) -> None:
+    """Build what the run builds first (stream, model, each strategy's pruner) and check that
+    the data has a period to score after the warm-up, so bad settings fail in one line now
+    rather than after the warm-up period."""
+    from adsparse.online.components import default_components
+    from adsparse.online.config import parse_strategies
+    from adsparse.online.experiment import make_stream
+
+    cfg = exp.cfg
+    stream = make_stream(exp)  # Criteo: every file opened and its first bytes read
+    warmup = cfg.warmup_periods
+    if exp.data == "criteo" and exp.rows_per_period is None and len(exp.paths) <= warmup:
+        raise UsageError(f"argument --paths: {len(exp.paths)} file(s) are {len(exp.paths)} "
+                         f"period(s), all warm-up ({warmup}); give more files or "
+                         "--rows-per-period")
+    if exp.data == "criteo" and not stream.num_periods_at_least(warmup + 1):
+        raise UsageError(f"argument --rows-per-period: the files hold no more than {warmup} "
+                         f"warm-up period(s) of {exp.rows_per_period} lines; nothing to score")
+    comps = default_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
+                               cfg.seed, exp.model)
+    model = comps.make_model()
+    for spec in parse_strategies(cfg.strategies, cfg):
+        if spec.kind == "dense":
+            continue
+        method = "learned" if spec.kind == "ad2s" else cfg.pruner
+        try:
+            comps.make_pruner(model, spec.density, method, cfg.block_size)
+        except ValueError as err:
+            bn, bk = cfg.block_size
+            raise UsageError(f"strategy {spec.name!r} (density {spec.density}, block {bn}x{bk},"
+                             f" pruner {method}): {err}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
     from adsparse.online import (
         Experiment,
@@ -135,15 +277,10 @@ def _run(args: argparse.Namespace) -> int:
         run_experiment,
         write_report,
     )
+    from adsparse.online.report import scored_anything
 
-    if args.data == "criteo":
-        if not args.paths:
-            raise UsageError("--data criteo needs --paths FILE [FILE ...]")
-        missing = [p for p in args.paths if not Path(p).is_file()]
-        if missing:
-            raise UsageError(f"argument --paths: no such file: {missing[0]}")
-    elif args.paths:
-        raise UsageError("--paths is only for --data criteo")
+    _check_environment()
+    _check_data_options(args)
     _check_device(args.device, args.nproc)
     cfg = OnlineConfig(density=args.density, block_size=args.block_size, pruner=args.pruner,
                        r=args.r, seed=args.seed, device=args.device,
@@ -151,20 +288,26 @@ def _run(args: argparse.Namespace) -> int:
                        strategies=[s for s in args.strategies.split(",") if s.strip()])
     if not cfg.strategies:
         raise UsageError("argument --strategies: empty list")
-    if cfg.warmup_periods >= args.periods:
+    defaults = Experiment()
+    periods = args.periods or defaults.periods
+    if args.data == "synthetic" and cfg.warmup_periods >= periods:
         raise UsageError(f"argument --periods: need more than the {cfg.warmup_periods} "
                          "warm-up period(s)")
     try:
         cfg.validate()
     except ValueError as err:
         raise UsageError(f"argument --strategies: {err}") from None
+    out = _output_dir(args.out)
+    if args.checkpoint_dir is not None:
+        _check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
     exp = Experiment(cfg=cfg, data=args.data, paths=list(args.paths),
                      rows_per_period=args.rows_per_period, preset=args.preset,
-                     periods=args.periods, samples_per_period=args.samples_per_period,
+                     periods=periods,
+                     samples_per_period=args.samples_per_period or defaults.samples_per_period,
                      batch_size=args.batch_size, max_table_rows=args.max_table_rows,
                      checkpoint_dir=args.checkpoint_dir,
                      nproc=args.nproc, threads=args.threads, progress=not args.no_progress)
-    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    _preflight(exp)
     start = time.perf_counter()
     results = run_experiment(exp)
     write_report(results, out)
@@ -174,6 +317,11 @@ def _run(args: argparse.Namespace) -> int:
         print(f"\nmalformed rows skipped: {malformed}")
     print(f"\nwall time {time.perf_counter() - start:.1f} s; wrote results.json, periods.csv, "
           f"ne_over_time.png, layer_density.png to {out}")
+    if not scored_anything(results):
+        print("adsparse: error: no period could be scored (every period after the warm-up is "
+              "empty or has a single label class); the numbers above mean nothing",
+              file=sys.stderr)
+        return 1
     return 0
 
 
