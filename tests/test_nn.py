@@ -260,3 +260,13 @@ def test_load_state_dict_rejects_other_transposed_index_or_activation():
     relu = BlockSparseLinear(model[0].weight(), model[0].bias, activation="relu")
     with pytest.raises(RuntimeError, match="activation"):
         relu.load_state_dict(model[0].state_dict())
+
+
+@pytest.mark.parametrize("build", [
+    lambda: SparseLinear(4, 4, block_size=2**63),
+    lambda: BlockSparseLinear.from_dense(nn.Linear(4, 4), block_size=2**63),
+    lambda: sparsify_(nn.Sequential(nn.Linear(4, 4)), density=0.5, block_size=(2**63, 1)),
+])
+def test_absurd_block_size_is_a_value_error(build):
+    with pytest.raises(ValueError, match="block_size must be integers in"):
+        build()
