@@ -163,7 +163,8 @@ def _plot(results: dict[str, Any], out: Path) -> None:
     ax.set_xlabel("period")
     ax.set_ylabel("NE gap to dense (%)")
     ax.set_title("NE gap to dense per period (▼ = periods served by a regenerated model)")
-    ax.legend(fontsize=8)
+    if len(results["strategies"]) > 1:  # a dense-only run has no line to label
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ne_over_time.png", dpi=120)
     plt.close(fig)
