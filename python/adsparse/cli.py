@@ -26,8 +26,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adsparse.checks import check_block_size, check_density
+
+if TYPE_CHECKING:
+    from adsparse.online import Experiment
 
 __all__ = ["main"]
 
@@ -236,7 +240,7 @@ def _output_dir(out: str | None) -> Path:
     return path
 
 
-def _preflight(exp) -> None:
+def _preflight(exp: Experiment) -> None:
     """Build what the run builds first (stream, model, each strategy's pruner) and check that
     the data has a period to score after the warm-up, so bad settings fail in one line now
     rather than after the warm-up period."""
