@@ -283,3 +283,17 @@ def test_a_run_that_scores_nothing_exits_non_zero(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "no period could be scored" in captured.err and "NE undefined" in captured.out
     assert "248334" not in captured.out
+
+
+def test_damaged_criteo_files_never_end_in_a_traceback(tmp_path, capsys):
+    paths = _criteo_files(tmp_path, 3)
+    day1 = tmp_path / "day_1.gz"
+    day1.write_bytes(day1.read_bytes()[: day1.stat().st_size // 2])  # truncated mid-stream
+    assert main(["run", "--data", "criteo", "--paths", *paths, *CRITEO, "--strategies", "d2s",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert "malformed rows skipped: 4" in capsys.readouterr().out  # 3 rows + the lost tail
+    (tmp_path / "day_2.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")  # unreadable from the start
+    assert main(["run", "--data", "criteo", "--paths", *paths, *CRITEO, "--strategies", "d2s",
+                 "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "cannot read Criteo file" in err and "day_2.gz" in err and "\n" not in err
