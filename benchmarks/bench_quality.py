@@ -1,123 +1,240 @@
-"""Quality of the online paradigms: the default experiment at several densities, d2s at several r.
+"""Quality of the online paradigms, over seeds, with paired 95% confidence intervals.
 
     python benchmarks/bench_quality.py            # or: adsparse bench quality
-    python benchmarks/bench_quality.py --densities 0.1 --periods 5 --samples-per-period 4096
+    python benchmarks/bench_quality.py --quick    # a smoke run (minutes)
 
-One pass over the default synthetic stream (kaggle DLRM, block 16x16) runs, side by side on the
-same batches, the dense reference and, at every density, prune_once, d2s at each r and ad2s.
-It prints a Markdown table per density and checks the targets of issue 6:
+For every drift setting (default: ``regimes`` — the default stream — and the ``none`` control)
+and every seed (the stream's and the model's seed change together), one pass over the stream
+runs the dense reference and every strategy side by side on the same batches. Per strategy it
+reports the mean relative NE loss vs dense (``(NE - NE_dense) / NE_dense`` per period) with a
+95% t-interval over the seeds x scored periods (as paired units) and over the per-seed means
+(the conservative one: periods of one seed are not independent), the paired difference to
+ad2s, regenerations, handovers, the cost of one regeneration in periods of dense training, and
+the train time. The stream knows its true click probabilities: the Bayes NE of each period and
+the dense model's excess over it are printed, and the premise check: prune_once's gap to dense
+in the scored periods before the first regime change vs after each change.
 
-* ad2s within 0.5% relative NE of dense at density 0.1, and better than prune_once;
-* ad2s no worse than the best fixed r while regenerating no more often.
-
-Files (results.json, periods.csv, plots) go to --out (default runs/quality-<timestamp>).
+Full tables go to benchmarks/results/quality_<drift>.csv (one row per seed, strategy and
+period) and quality_summary.csv.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adsparse.online import Experiment, OnlineConfig, run_experiment, summarize, write_report
+import torch
+
+from adsparse.data import DRIFTS
+from adsparse.metrics import StreamingMetrics, relative_ne
+from adsparse.online import Experiment, OnlineConfig, make_stream, run_experiment
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+STRATEGIES = ["prune_once", "d2s", "d2s:r=3", "ad2s", "ad2s:handover=immediate"]
+
+# Two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def _floats(text: str) -> list[float]:
-    return [float(t) for t in text.split(",") if t]
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        return math.nan
+    known = [k for k in _T95 if k <= df]
+    return _T95[max(known)] if df <= 30 else 1.96
 
 
-def _ints(text: str) -> list[int]:
-    return [int(t) for t in text.split(",") if t]
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and half-width of its 95% t-interval (NaN half-width for fewer than 2 values)."""
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, math.nan
+    return m, t95(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
 
 
-def strategies_for(densities: Sequence[float], rs: Sequence[int]) -> list[str]:
-    """The strategy specs of the benchmark: every paradigm at every density."""
+def bayes_ne(exp: Experiment) -> list[float]:
+    """NE of the true click probabilities, per period (the floor no model can beat)."""
+    stream = make_stream(exp)
     out = []
-    for d in densities:
-        out.append(f"prune_once:density={d}")
-        out += [f"d2s:r={r}:density={d}" for r in rs]
-        out.append(f"ad2s:density={d}")
+    for p in range(stream.num_periods):
+        m = StreamingMetrics()
+        for batch, logits in stream.true_logits(p):
+            m.update(batch.labels, torch.sigmoid(logits))
+        out.append(m.compute()["ne"])
     return out
 
 
-def markdown(results: dict[str, Any], densities: Sequence[float]) -> str:
-    """One Markdown table per density, plus the target checks."""
-    summary = summarize(results)
+def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
+    """One seed of one drift setting: the run's results plus the stream's Bayes NE."""
+    cfg = OnlineConfig(seed=seed, density=args.density, strategies=args.strategies,
+                       prune_steps=args.prune_steps)
+    exp = Experiment(cfg=cfg, drift=drift, periods=args.periods,
+                     samples_per_period=args.samples_per_period, batch_size=args.batch_size,
+                     progress=False)
+    results = run_experiment(exp)
+    results["bayes_ne"] = bayes_ne(exp)
+    results["regime_boundaries"] = list(getattr(make_stream(exp), "regime_boundaries", []))
+    return results
+
+
+def period_gaps(results: dict[str, Any], name: str) -> dict[int, float]:
+    """``{period: relative NE loss vs dense}`` over the scored periods."""
+    ref = {r["period"]: r["ne"] for r in results["strategies"]["dense"]["periods"]}
+    return {r["period"]: relative_ne(r["ne"], ref[r["period"]])
+            for r in results["strategies"][name]["periods"] if r["scored"]}
+
+
+def summarize_setting(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """One row per strategy: mean relative NE loss with CIs, paired difference to ad2s, cost."""
+    rows = []
+    for name in names:
+        units = [g for res in runs for g in period_gaps(res, name).values()]
+        per_seed = [statistics.fmean(period_gaps(res, name).values()) for res in runs]
+        diff_units = [period_gaps(res, name)[p] - period_gaps(res, "ad2s")[p]
+                      for res in runs for p in period_gaps(res, name)]
+        strat = [res["strategies"][name] for res in runs]
+        regen = [sum(1 for g in s["regenerations"] if g["reason"] != "warmup") for s in strat]
+        won = [sum(1 for h in s.get("handovers", []) if h["outcome"] == "won") for s in strat]
+        costs = [s["regeneration_cost_periods"] for s in strat
+                 if s.get("regeneration_cost_periods") is not None]
+        m, ci = mean_ci(units)
+        ms, cis = mean_ci(per_seed)
+        d, dci = mean_ci(diff_units)
+        rows.append({"strategy": name, "rel_ne_loss": m, "ci_units": ci, "ci_seeds": cis,
+                     "mean_of_seeds": ms, "minus_ad2s": d, "minus_ad2s_ci": dci,
+                     "regenerations": statistics.fmean(regen), "handovers": statistics.fmean(won),
+                     "regen_cost_periods": statistics.fmean(costs) if costs else math.nan,
+                     "train_time_s": statistics.fmean(s["train_time_s"] for s in strat)})
+    return rows
+
+
+def premise(runs: list[dict[str, Any]]) -> list[str]:
+    """prune_once's gap before the first regime change vs in each later regime (mean, CI)."""
     lines = []
-    for d in densities:
-        lines += [f"\n**density {d}**\n",
-                  "| strategy | mean NE | rel. NE loss vs dense | worst period | regenerations "
-                  "| serving density | train time (s) |",
-                  "|---|---|---|---|---|---|---|"]
-        names = ["dense"] + [n for n, s in results["strategies"].items()
-                             if s["kind"] != "dense" and s["density"] == d]
-        for n in names:
-            s = summary[n]
-            worst = ("-" if s["worst_period"] is None
-                     else f"{100 * s['worst_rel_ne_loss']:+.2f}% (p{s['worst_period']})")
-            short = n.replace(f":density={d}", "")
-            lines.append(f"| {short} | {s['mean_ne']:.4f} | {100 * s['rel_ne_loss']:+.2f}% | "
-                         f"{worst} | {s['regenerations']} | {s['serving_density']:.3f} | "
-                         f"{s['train_time_s']:.0f} |")
-        lines += ["", *check_targets(summary, results, d)]
-    return "\n".join(lines)
+    bounds = runs[0]["regime_boundaries"]
+    edges = [0, *bounds, runs[0]["num_periods"]]
+    for j in range(len(edges) - 1):
+        vals = [g for res in runs for p, g in period_gaps(res, "prune_once").items()
+                if edges[j] <= p < edges[j + 1]]
+        m, ci = mean_ci(vals)
+        label = "after pruning (regime 0)" if j == 0 else f"after change {j} (p{edges[j]})"
+        lines.append(f"  prune_once gap {label}: {100 * m:+.2f}% +- {100 * ci:.2f}")
+    return lines
 
 
-def check_targets(summary: dict[str, Any], results: dict[str, Any], d: float) -> list[str]:
-    """The issue's targets at density ``d`` as lines of text (met or missed, by how much)."""
-    ad2s = summary.get(f"ad2s:density={d}")
-    once = summary.get(f"prune_once:density={d}")
-    d2s = {n: s for n, s in summary.items()
-           if s["kind"] == "d2s" and results["strategies"][n]["density"] == d}
-    if ad2s is None:
-        return []
-    out = []
-    loss = 100 * ad2s["rel_ne_loss"]
-    if d == 0.1:
-        out.append(f"- ad2s within 0.5% of dense: {'met' if loss <= 0.5 else 'MISSED'} "
-                   f"({loss:+.2f}%)")
-    if once is not None:
-        better = ad2s["rel_ne_loss"] < once["rel_ne_loss"]
-        out.append(f"- ad2s better than prune_once: {'met' if better else 'MISSED'} "
-                   f"({100 * ad2s['rel_ne_loss']:+.2f}% vs {100 * once['rel_ne_loss']:+.2f}%)")
-    if d2s:
-        best_name, best = min(d2s.items(), key=lambda kv: kv[1]["rel_ne_loss"])
-        short = best_name.replace(f":density={d}", "")
-        ok = (ad2s["rel_ne_loss"] <= best["rel_ne_loss"]
-              and ad2s["regenerations"] <= best["regenerations"])
-        out.append(f"- ad2s no worse than the best fixed r ({short}) with no more "
-                   f"regenerations: {'met' if ok else 'MISSED'} (rel. NE loss "
-                   f"{100 * ad2s['rel_ne_loss']:+.2f}% vs {100 * best['rel_ne_loss']:+.2f}%; "
-                   f"{ad2s['regenerations']} vs {best['regenerations']} regenerations)")
+def bayes_lines(runs: list[dict[str, Any]]) -> list[str]:
+    """Bayes NE per period and the dense model's excess over it (mean over seeds)."""
+    periods = runs[0]["num_periods"]
+    bayes = [statistics.fmean(res["bayes_ne"][p] for res in runs) for p in range(periods)]
+    dense = [statistics.fmean(res["strategies"]["dense"]["periods"][p]["ne"] for res in runs)
+             for p in range(periods)]
+    excess = [100 * (d - b) / b for d, b in zip(dense, bayes)]
+    return ["  period      " + " ".join(f"{p:>6}" for p in range(periods)),
+            "  Bayes NE    " + " ".join(f"{b:6.4f}" for b in bayes),
+            "  dense NE    " + " ".join(f"{d:6.4f}" for d in dense),
+            "  excess %    " + " ".join(f"{e:6.1f}" for e in excess)]
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    head = (f"  {'strategy':<26}{'rel NE loss':>12}{'CI(s x p)':>10}{'CI(seeds)':>10}"
+            f"{'minus ad2s':>12}{'CI':>8}{'regen':>7}{'won':>6}{'cost':>7}{'train s':>9}")
+    out = [head, "  " + "-" * (len(head) - 2)]
+    for r in rows:
+        out.append(f"  {r['strategy']:<26}{100 * r['rel_ne_loss']:>+11.2f}%"
+                   f"{100 * r['ci_units']:>9.2f}%{100 * r['ci_seeds']:>9.2f}%"
+                   f"{100 * r['minus_ad2s']:>+11.2f}%{100 * r['minus_ad2s_ci']:>7.2f}%"
+                   f"{r['regenerations']:>7.1f}{r['handovers']:>6.1f}"
+                   f"{r['regen_cost_periods']:>7.2f}{r['train_time_s']:>9.0f}")
     return out
+
+
+def write_csvs(drift: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]],
+               seeds: list[int], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / f"quality_{drift}.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "strategy", "period", "scored", "ne", "rel_ne_loss", "bayes_ne",
+                    "serving_density"])
+        for seed, res in zip(seeds, runs):
+            ref = {r["period"]: r["ne"] for r in res["strategies"]["dense"]["periods"]}
+            for name, s in res["strategies"].items():
+                for r in s["periods"]:
+                    w.writerow([seed, name, r["period"], r["scored"], f"{r['ne']:.6f}",
+                                f"{relative_ne(r['ne'], ref[r['period']]):.6f}",
+                                f"{res['bayes_ne'][r['period']]:.6f}",
+                                f"{r['serving_density']:.4f}"])
+    path = out_dir / "quality_summary.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["date", "drift", "seeds", *rows[0]])
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({"date": time.strftime("%Y-%m-%d %H:%M"), "drift": drift,
+                        "seeds": len(seeds), **r})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    exp0 = Experiment()
-    parser.add_argument("--densities", type=_floats, default=[0.25, 0.1, 0.05])
-    parser.add_argument("--rs", type=_ints, default=[1, 2, 4], help="d2s intervals")
-    parser.add_argument("--periods", type=int, default=exp0.periods)
-    parser.add_argument("--samples-per-period", type=int, default=exp0.samples_per_period)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--no-progress", action="store_true")
+    exp0, cfg0 = Experiment(), OnlineConfig()
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    parser.add_argument("--drifts", default="regimes,none",
+                        help=f"drift settings, comma-separated, of {', '.join(DRIFTS)} "
+                             "(default regimes,none)")
+    parser.add_argument("--density", type=float, default=cfg0.density,
+                        help=f"density of every sparse strategy (default {cfg0.density})")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"strategies besides dense (default {','.join(STRATEGIES)})")
+    parser.add_argument("--periods", type=int, default=exp0.periods,
+                        help=f"periods per run (default {exp0.periods})")
+    parser.add_argument("--samples-per-period", type=int, default=exp0.samples_per_period,
+                        help=f"samples per period (default {exp0.samples_per_period})")
+    parser.add_argument("--batch-size", type=int, default=exp0.batch_size,
+                        help=f"mini-batch size (default {exp0.batch_size})")
+    parser.add_argument("--prune-steps", type=int, default=cfg0.prune_steps,
+                        help=f"steps of one pruning transition (default {cfg0.prune_steps})")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 seeds, 4 short periods: a smoke run, not a result")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR,
+                        help="folder of the CSV files (default benchmarks/results)")
     args = parser.parse_args(argv)
-    cfg = OnlineConfig(seed=args.seed, strategies=strategies_for(args.densities, args.rs))
-    exp = Experiment(cfg=cfg, periods=args.periods, samples_per_period=args.samples_per_period,
-                     progress=not args.no_progress)
-    out = Path(args.out or Path("runs") / time.strftime("quality-%Y%m%d-%H%M%S"))
-    start = time.perf_counter()
-    results = run_experiment(exp)
-    write_report(results, out)
-    print(f"# bench_quality: {exp.periods} periods x {exp.samples_per_period} samples "
-          f"(batch {exp.batch_size}), kaggle DLRM, block {tuple(cfg.block_size)}, seed "
-          f"{cfg.seed}; wall {time.perf_counter() - start:.0f} s; files in {out}")
-    print(markdown(results, args.densities))
+    if args.quick:
+        args.seeds, args.periods, args.samples_per_period = 2, 4, 4096
+    args.strategies = [s for s in args.strategies.split(",") if s]
+    if "ad2s" not in args.strategies or "prune_once" not in args.strategies:
+        parser.error("--strategies must include ad2s and prune_once (the comparisons need them)")
+    drifts = [d for d in args.drifts.split(",") if d]
+    torch.set_num_threads(1)
+    seeds = list(range(args.seeds))
+    print(f"# bench_quality {time.strftime('%Y-%m-%d %H:%M')}: {args.periods} periods x "
+          f"{args.samples_per_period} samples (batch {args.batch_size}), density "
+          f"{args.density}, seeds {seeds}, 1 thread")
+    for drift in drifts:
+        start = time.perf_counter()
+        runs = [run_one(args, drift, seed) for seed in seeds]
+        rows = summarize_setting(runs, ["dense", *args.strategies])
+        print(f"\n## drift={drift} ({time.perf_counter() - start:.0f} s)")
+        print("rel NE loss = mean over seeds x scored periods of (NE - NE_dense)/NE_dense; CIs "
+              "are 95% half-widths; 'minus ad2s' = paired difference (positive: ad2s better); "
+              "regen = regenerations after warm-up, won = challenger handovers, cost = one "
+              "regeneration in periods of dense training (mean)")
+        print("\n".join(table(rows)))
+        print("\n".join(bayes_lines(runs)))
+        if runs[0]["regime_boundaries"]:
+            print("\n".join(premise(runs)))
+        write_csvs(drift, runs, rows, seeds, args.out)
     return 0
 
 

@@ -88,7 +88,11 @@ def _seed(text: str) -> int:
 
 
 def _parser() -> _Parser:
-    from adsparse.online import Experiment, OnlineConfig
+    from adsparse.data import DRIFTS
+    from adsparse.models import PRESETS
+    from adsparse.online import Experiment, OnlineConfig, strategy_kinds
+    from adsparse.online.config import HANDOVERS
+    from adsparse.online.experiment import SYNTHETIC_TABLE_ROWS
     from adsparse.pruning import METHODS
 
     cfg, exp = OnlineConfig(), Experiment()
@@ -96,36 +100,55 @@ def _parser() -> _Parser:
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = sub.add_parser("run", help="run the online paradigms over a stream")
-    run.add_argument("--data", choices=("synthetic", "criteo"), default="synthetic")
+    run.add_argument("--data", choices=("synthetic", "criteo"), default="synthetic",
+                     help="the stream: the built-in synthetic one or Criteo TSV files "
+                          "(default synthetic)")
+    run.add_argument("--drift", choices=DRIFTS, default=exp.drift,
+                     help="synthetic: regime changes, slow drift only, or a stationary control "
+                          f"(default {exp.drift})")
     run.add_argument("--paths", nargs="+", default=[], help="Criteo TSV files (one per period)")
     run.add_argument("--rows-per-period", type=_positive_int, default=None,
                      help="Criteo: fixed rows per period instead of one file per period")
     run.add_argument("--strategies", default=",".join(cfg.strategies),
-                     help="comma-separated: dense, prune_once, d2s[:r=R], ad2s "
-                          "(each may add :density=D)")
-    run.add_argument("--density", type=_density, default=cfg.density)
+                     help=f"comma-separated kinds of {', '.join(strategy_kinds())}; each may "
+                          "add :r=R, :density=D, :handover=challenger|immediate "
+                          f"(default {','.join(cfg.strategies)})")
+    run.add_argument("--density", type=_density, default=cfg.density,
+                     help=f"kept share of the prunable MLP weights (default {cfg.density})")
     run.add_argument("--block-size", type=_block_size, default=cfg.block_size,
-                     help="16 or 16x16 (rows x columns)")
-    run.add_argument("--preset", choices=("kaggle", "wide"), default=exp.preset)
+                     help="16 or 16x16 (rows x columns; default "
+                          f"{cfg.block_size[0]}x{cfg.block_size[1]})")
+    run.add_argument("--preset", choices=sorted(PRESETS), default=exp.preset,
+                     help=f"DLRM layer sizes (default {exp.preset})")
     run.add_argument("--pruner", choices=METHODS,
-                     default=cfg.pruner, help="pruner of prune_once and d2s (ad2s: learned)")
-    run.add_argument("--r", type=_positive_int, default=cfg.r, help="d2s interval (periods)")
+                     default=cfg.pruner,
+                     help=f"pruner of prune_once and d2s; ad2s always uses learned "
+                          f"(default {cfg.pruner})")
+    run.add_argument("--r", type=_positive_int, default=cfg.r,
+                     help=f"d2s regeneration interval in periods (default {cfg.r})")
+    run.add_argument("--handover", choices=HANDOVERS, default=cfg.handover,
+                     help="a regenerated model serves when it beats the serving one on recent "
+                          f"windows (challenger) or at once (default {cfg.handover})")
     # None = not given: Criteo refuses them (its periods are its files or --rows-per-period).
     run.add_argument("--periods", type=_positive_int, default=None,
                      help=f"synthetic: periods (default {exp.periods})")
     run.add_argument("--samples-per-period", type=_positive_int, default=None,
                      help=f"synthetic: samples per period (default {exp.samples_per_period})")
-    run.add_argument("--batch-size", type=_positive_int, default=exp.batch_size)
+    run.add_argument("--batch-size", type=_positive_int, default=exp.batch_size,
+                     help=f"mini-batch size (default {exp.batch_size})")
     run.add_argument("--max-table-rows", type=_positive_int, default=exp.max_table_rows,
-                     help="rows of each embedding table (synthetic: cap, default 2000; "
-                          "criteo: hash size, default 32768)")
+                     help="rows of each embedding table (synthetic: cap, default "
+                          f"{SYNTHETIC_TABLE_ROWS}; criteo: hash size, default 32768)")
     run.add_argument("--prune-steps", type=_positive_int, default=cfg.prune_steps,
-                     help="optimisation steps of each pruning transition")
-    run.add_argument("--seed", type=_seed, default=cfg.seed)
+                     help=f"optimisation steps of each pruning transition "
+                          f"(default {cfg.prune_steps})")
+    run.add_argument("--seed", type=_seed, default=cfg.seed,
+                     help=f"seed of the stream and the models (default {cfg.seed})")
     run.add_argument("--checkpoint-dir", default=None,
                      help="save at every period end; rerun the same command to resume")
-    run.add_argument("--nproc", type=_positive_int, default=1, help="data-parallel processes")
-    run.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    run.add_argument("--nproc", type=_positive_int, default=1,
+                     help="data-parallel processes (default 1)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     run.add_argument("--threads", type=_positive_int, default=exp.threads,
                      help="torch threads per process (default 1: fastest on a shared machine)")
     run.add_argument("--out", default=None,
@@ -287,7 +310,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_data_options(args)
     _check_device(args.device, args.nproc)
     cfg = OnlineConfig(density=args.density, block_size=args.block_size, pruner=args.pruner,
-                       r=args.r, seed=args.seed, device=args.device,
+                       r=args.r, handover=args.handover, seed=args.seed, device=args.device,
                        prune_steps=args.prune_steps,
                        strategies=[s for s in args.strategies.split(",") if s.strip()])
     if not cfg.strategies:
@@ -304,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
     out = _output_dir(args.out)
     if args.checkpoint_dir is not None:
         _check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
-    exp = Experiment(cfg=cfg, data=args.data, paths=list(args.paths),
+    exp = Experiment(cfg=cfg, data=args.data, drift=args.drift, paths=list(args.paths),
                      rows_per_period=args.rows_per_period, preset=args.preset,
                      periods=periods,
                      samples_per_period=args.samples_per_period or defaults.samples_per_period,

@@ -15,6 +15,10 @@ The clicks come from a known ("true") model that a DLRM can represent, and that 
   weights ``w_f`` and the base rate ``b`` oscillate, and the dense MLP slides between two nets.
   The interacting pairs are drawn among mid-sized tables (65..6000 rows) whose IDs recur often
   enough for a model to learn their factors; about 30% of fields carry strong per-ID effects.
+* **Drift knob.** ``drift="regimes"`` (default) is all of the above; ``"slow"`` keeps the
+  gradual drifts but has no regime changes; ``"none"`` is a stationary stream (a control: one
+  regime, fixed per-ID truths, popularity, field weights, dense features and base rate, every
+  ID present from the start).
 * **Regime changes.** At a few periods (:attr:`regime_boundaries`) the set of interacting
   field pairs, the dense MLP, the dense feature distribution and the base rate all change at
   once, so the feature interactions that matter (and the best sparsity pattern) change.
@@ -38,7 +42,9 @@ import torch
 
 from adsparse.data.base import Batch
 
-__all__ = ["CRITEO_LIKE_SIZES", "SyntheticCTRStream"]
+__all__ = ["CRITEO_LIKE_SIZES", "DRIFTS", "SyntheticCTRStream"]
+
+DRIFTS = ("regimes", "slow", "none")  # the stream's drift settings, most drift first
 
 # Criteo Kaggle's 26 cardinalities, capped at 10k rows so the tables fit and the demo is fast.
 CRITEO_LIKE_SIZES = [
@@ -51,6 +57,7 @@ _LATENT = 4  # width of the true latent factors of the interactions
 _DENSE_HIDDEN = 16
 _SMALL_TABLE = 64  # tables this small exist whole from the start and are never missing
 _MID_TABLE = 6000  # the largest tables that take part in the true interactions
+_POOL_FIELDS = 6  # fields whose pairs the regimes' interactions are drawn from
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -75,6 +82,7 @@ class SyntheticCTRStream:
         base_ctr: range of the regimes' target click rates (one is drawn per regime; the
             base logit is solved for it at the start and end of every period, so the realised
             CTR follows the target up to a slow +-0.25 logit oscillation).
+        drift: ``"regimes"``, ``"slow"`` or ``"none"`` (see the module docstring).
     """
 
     def __init__(
@@ -89,7 +97,10 @@ class SyntheticCTRStream:
         pairs_per_regime: int = 4,
         initial_id_share: float = 0.5,
         base_ctr: tuple[float, float] = (0.05, 0.11),
+        drift: str = "regimes",
     ) -> None:
+        if drift not in DRIFTS:
+            raise ValueError(f"drift must be one of {', '.join(DRIFTS)}, got {drift!r}")
         if num_periods < 1 or samples_per_period < 1 or batch_size < 1 or num_dense < 1:
             raise ValueError(
                 "num_periods, samples_per_period, batch_size and num_dense must be >= 1"
@@ -105,13 +116,18 @@ class SyntheticCTRStream:
         self.batch_size = int(batch_size)
         self.num_dense = int(num_dense)
         self.embedding_sizes = [int(n) for n in sizes]
-        if regime_boundaries is None:
+        self.drift = drift
+        # 1.0 where things move, 0.0 in the stationary control.
+        self._moving = 0.0 if drift == "none" else 1.0
+        if drift != "regimes":
+            regime_boundaries = []
+        elif regime_boundaries is None:
             cuts = {num_periods // 3, (2 * num_periods) // 3} - {0}
             regime_boundaries = sorted(cuts)
         self.regime_boundaries = sorted(int(b) for b in regime_boundaries)
         if any(b <= 0 or b >= num_periods for b in self.regime_boundaries):
             raise ValueError(f"regime_boundaries must lie in 1..{num_periods - 1}")
-        self._build_truth(pairs_per_regime, initial_id_share, base_ctr)
+        self._build_truth(pairs_per_regime, initial_id_share if self._moving else 1.0, base_ctr)
         self._rankings: OrderedDict[int, list[np.ndarray]] = OrderedDict()
         self._calibrate_base_rates()
 
@@ -151,11 +167,15 @@ class SyntheticCTRStream:
         self.num_regimes = len(self.regime_boundaries) + 1
         self._regime_pairs, self._pair_strength = [], []
         # Interactions live between mid-sized tables (think site category x user segment):
-        # their IDs recur often enough within a period for a model to learn their factors.
+        # their IDs recur often enough within a period for a model to learn their factors. Every
+        # regime draws its pairs from one pool of fields, so a regime change re-wires which
+        # pairwise interactions (MLP inputs) matter while the fields' latent factors stay: a
+        # dense model re-weights inputs it already computes, a pruned one may have cut them.
         mid = [f for f, n in enumerate(self.embedding_sizes) if _SMALL_TABLE < n <= _MID_TABLE]
-        candidates = [(f, g) for i, f in enumerate(mid) for g in mid[i + 1:]]
-        if len(candidates) < pairs_per_regime:
-            candidates = [(f, g) for f in range(nf) for g in range(f + 1, nf)]
+        if len(mid) < _POOL_FIELDS:
+            mid = list(range(nf))
+        pool = sorted(rng.choice(mid, size=min(_POOL_FIELDS, len(mid)), replace=False).tolist())
+        candidates = [(f, g) for i, f in enumerate(pool) for g in pool[i + 1:]]
         for _ in range(self.num_regimes):
             pick = rng.choice(len(candidates), size=min(pairs_per_regime, len(candidates)),
                               replace=False)
@@ -241,17 +261,17 @@ class SyntheticCTRStream:
     def __repr__(self) -> str:
         return (f"SyntheticCTRStream(num_periods={self.num_periods}, samples_per_period="
                 f"{self.samples_per_period}, seed={self.seed}, batch_size={self.batch_size}, "
-                f"tables={self.num_sparse}, regime_boundaries={self.regime_boundaries})")
+                f"tables={self.num_sparse}, drift={self.drift!r}, "
+                f"regime_boundaries={self.regime_boundaries})")
 
     # ------------------------------------------------------------------ generation
     def _check_period(self, p: int) -> None:
         if not 0 <= p < self._num_periods:
             raise IndexError(f"period {p} out of range [0, {self._num_periods})")
 
-    @staticmethod
-    def _angle(t: np.ndarray) -> np.ndarray:
+    def _angle(self, t: np.ndarray) -> np.ndarray:
         # Slow rotation of per-ID truths: ~1 radian over 8 periods.
-        return 0.12 * t
+        return 0.12 * self._moving * t
 
     def _ranking(self, q: int) -> list[np.ndarray]:
         """Per field, the IDs that exist at period ``q`` sorted by popularity (most first)."""
@@ -274,7 +294,8 @@ class SyntheticCTRStream:
 
     def _draw_ids(self, rng: np.random.Generator, p: int, frac: np.ndarray) -> np.ndarray:
         m = frac.shape[0]
-        now, nxt = self._ranking(p), self._ranking(p + 1)
+        q = p if self._moving else 0  # the stationary control keeps the first ranking
+        now, nxt = self._ranking(q), self._ranking(q + int(self._moving))
         use_next = rng.random(m) < frac
         sparse = np.empty((m, self.num_sparse), dtype=np.int64)
         for f in range(self.num_sparse):
@@ -293,7 +314,7 @@ class SyntheticCTRStream:
                         t: np.ndarray) -> np.ndarray:
         m = t.shape[0]
         z = rng.standard_normal((m, self.num_dense)) @ self._dense_mix
-        mu = self._dense_mean[regime] + 0.3 * np.sin(2 * math.pi * t[:, None] / 8.0
+        mu = self._dense_mean[regime] + 0.3 * self._moving * np.sin(2 * math.pi * t[:, None] / 8.0
                                                       + self._dense_phase)
         counts = np.floor(np.exp(mu + self._dense_scale * z))
         counts[rng.random((m, self.num_dense)) < 0.05] = 0.0  # missing counts, like Criteo
@@ -307,7 +328,7 @@ class SyntheticCTRStream:
         for f in range(self.num_sparse):
             ids = sparse[:, f]
             eff = cos * self._effects[f][0, ids] + sin * self._effects[f][1, ids]
-            weight = self.field_weight[f] * (1 + 0.3 * np.sin(2 * math.pi * t / 5.0
+            weight = self.field_weight[f] * (1 + 0.3 * self._moving * np.sin(2 * math.pi * t / 5.0
                                                               + self._weight_phase[f]))
             logit = logit + weight * eff
         for (f, g), strength in zip(self._regime_pairs[regime], self._pair_strength[regime]):
@@ -318,7 +339,7 @@ class SyntheticCTRStream:
             logit = logit + strength * (uf * ug).sum(1)
         # Dense MLP: slides from net A to net B of the regime as time passes.
         x = (dense - 1.5) / 1.2
-        mix = 0.5 - 0.5 * np.cos(2 * math.pi * t / max(2.0, self.num_periods / 2))
+        mix = (0.5 - 0.5 * np.cos(2 * math.pi * t / max(2.0, self.num_periods / 2))) * self._moving
         for net, share in zip(self._nets[regime], (1 - mix, mix)):
             w1, b1, w2 = net
             logit = logit + share * (np.tanh(x @ w1 + b1) @ w2)
@@ -335,7 +356,7 @@ class SyntheticCTRStream:
         sparse = self._draw_ids(rng, p, frac)
         dense = self._dense_features(rng, regime, t)
         base = self._base_logit[p, 0] * (1 - frac) + self._base_logit[p, 1] * frac
-        base = base + 0.25 * np.sin(2 * math.pi * t / 6.0)
+        base = base + 0.25 * self._moving * np.sin(2 * math.pi * t / 6.0)
         logits = base + self._logits(regime, t, dense, sparse)
         labels = (rng.random(m) < _sigmoid(logits)).astype(np.float32)
         return dense.astype(np.float32), sparse, labels, logits

@@ -22,17 +22,19 @@ def strategy_kinds() -> list[str]:
 class OnlineConfig:
     """Everything that decides the numbers of a run (checkpoints refuse a different one).
 
-    ad2s intervals count *windows* of ``window_batches`` mini-batches; with the default stream
-    (64 batches a period) a window is a quarter period, so regenerations are at least two and
-    at most eight periods apart.
+    ad2s intervals, handovers and patience count *windows* of ``window_batches`` mini-batches;
+    with the default stream (128 batches a period) a window is an eighth of a period, so ad2s
+    regenerations are at least half a period and at most four periods apart.
     """
 
     density: float = 0.1
     block_size: tuple[int, int] = (16, 16)
     pruner: str = "learned"  # the pruner of prune_once and d2s; ad2s always uses "learned"
-    prune_steps: int = 100  # optimisation steps of one pruning transition
-    buffer_batches: int = 64  # recent mini-batches kept for the transition (a period)
-    prune_batches: int = 64  # the last this many of them are what the pruner sees
+    # A regeneration must cost at most one period of dense training (128 steps on the default
+    # stream): the transition's steps plus one distillation epoch over the buffer.
+    prune_steps: int = 40  # optimisation steps of one pruning transition
+    buffer_batches: int = 32  # recent mini-batches kept for the transition (a quarter period)
+    prune_batches: int = 32  # the last this many of them are what the pruner sees
     # Epochs over the buffer in which a new model learns the dense model's predictions after
     # hardening (see regeneration.distill).
     distill_epochs: int = 1
@@ -52,7 +54,7 @@ class OnlineConfig:
     # than this (relative NE) above its lowest value since the last regeneration (AD2SStrategy)
     ne_tolerance: float = 0.005
     drift_bound: float = 0.5  # ad2s: ... or when this share of the serving mask would change
-    min_interval: int = 8  # ad2s: windows between regenerations, at least ...
+    min_interval: int = 4  # ad2s: windows between regenerations, at least ...
     max_interval: int = 32  # ... and at most
     device: str = "cpu"
     seed: int = 0

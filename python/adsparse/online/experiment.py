@@ -18,7 +18,10 @@ from adsparse.online.trainer import OnlineTrainer
 
 __all__ = ["Experiment", "data_fingerprint", "make_stream", "run_experiment"]
 
-SYNTHETIC_TABLE_ROWS = 2000
+# Rows of each synthetic table. 64: every table then exists whole from the start and its IDs
+# recur often enough that the dense model gets within ~5% of the stream's Bayes NE by the end of
+# each regime (at 2000 rows it stayed 13-24% above it; benchmarks/RESULTS.md, "Quality").
+SYNTHETIC_TABLE_ROWS = 64
 
 
 @dataclass
@@ -27,14 +30,17 @@ class Experiment:
 
     cfg: OnlineConfig = field(default_factory=OnlineConfig)
     data: str = "synthetic"  # or "criteo"
+    drift: str = "regimes"  # synthetic only: "regimes", "slow" or "none" (data.DRIFTS)
     paths: list[str] = field(default_factory=list)
     rows_per_period: int | None = None  # criteo: None = one file per period
     preset: str = "kaggle"
     periods: int = 9
-    samples_per_period: int = 16384
-    batch_size: int = 256
+    # 128 steps of 1024 samples a period: with 16384 samples of 256 the dense model never came
+    # near the Bayes NE, so comparisons measured learning speed, not sparsity.
+    samples_per_period: int = 131072
+    batch_size: int = 1024
     # Rows of each embedding table: synthetic caps its Criteo-like sizes at this (default
-    # 2000, small enough for the 10-minute demo); criteo hashes into this many (default: the
+    # 64, see SYNTHETIC_TABLE_ROWS); criteo hashes into this many (default: the
     # stream's own, 32768).
     max_table_rows: int | None = None
     model: dict[str, Any] | None = None  # DLRM(**model) instead of the preset (tests)
@@ -57,7 +63,7 @@ def make_stream(exp: Experiment) -> Any:
         return SyntheticCTRStream(num_periods=exp.periods,
                                   samples_per_period=exp.samples_per_period,
                                   seed=exp.cfg.seed, batch_size=exp.batch_size,
-                                  embedding_sizes=sizes)
+                                  embedding_sizes=sizes, drift=exp.drift)
     if exp.data == "criteo":
         from adsparse.data import CriteoStream
 
@@ -75,8 +81,9 @@ def data_fingerprint(exp: Experiment) -> dict[str, Any]:
     """
     files = [[Path(p).name, Path(p).stat().st_size if Path(p).exists() else None]
              for p in exp.paths]
-    return {"data": exp.data, "paths": files, "rows_per_period": exp.rows_per_period,
-            "preset": exp.preset, "model": exp.model, "periods": exp.periods,
+    return {"data": exp.data, "drift": exp.drift, "paths": files,
+            "rows_per_period": exp.rows_per_period, "preset": exp.preset, "model": exp.model,
+            "periods": exp.periods if exp.data == "synthetic" else None,
             "samples_per_period": exp.samples_per_period, "batch_size": exp.batch_size,
             "max_table_rows": exp.max_table_rows}
 
@@ -93,12 +100,12 @@ def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> di
     trainer = OnlineTrainer(stream, exp.cfg, comps, ctx, exp.checkpoint_dir,
                             progress=exp.progress, data_fingerprint=data_fingerprint(exp))
     results = trainer.run()
-    results["experiment"] = {"data": exp.data, "preset": exp.preset, "periods": exp.periods,
+    results["experiment"] = {"data": exp.data, "drift": exp.drift, "preset": exp.preset,
+                             "periods": stream.num_periods,
                              "samples_per_period": exp.samples_per_period,
                              "batch_size": exp.batch_size, "nproc": exp.nproc,
                              "stream": repr(stream)}
     if hasattr(stream, "malformed_rows"):
-        # Only the periods this process read (a resumed run does not re-read earlier ones).
         results["experiment"]["malformed_rows"] = int(stream.malformed_rows)
     if result_path is not None and ctx.is_main:
         # JSON, not pickle: reading the results back must not be able to run code.

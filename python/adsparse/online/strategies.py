@@ -189,7 +189,13 @@ class Strategy:
     # ------------------------------------------------------------------ regeneration
     def regenerate(self, dense: DenseTrack, buffer: deque[Batch], period: int, batch: int,
                    reason: str, **details: Any) -> None:
-        """Make a sparse model from ``dense`` now; it serves, or challenges the serving one."""
+        """Make a sparse model from ``dense`` now; it serves, or challenges the serving one.
+
+        Nothing happens without recent batches (an empty warm-up period): the transition needs
+        data, and the strategy tries again at its next decision point.
+        """
+        if not buffer:
+            return
         t = time.perf_counter()
         payload = None
         if self.ctx.is_main:

@@ -100,6 +100,9 @@ class OnlineTrainer:
             "buffer": [tuple(b) for b in self.buffer], "history": self.history,
             "totals": {k: m.state_dict() for k, m in self.totals.items()},
             "rng": torch.get_rng_state(), "wall_s": self.wall_s,
+            # The stream's own counters (Criteo's malformed rows per period), so a resumed run
+            # reports the same totals as an uninterrupted one.
+            "stream": self.stream.state_dict() if hasattr(self.stream, "state_dict") else {},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -111,6 +114,8 @@ class OnlineTrainer:
             raise CheckpointError("the checkpoint was written by a run with different settings "
                                   f"({diffs}); use another --checkpoint-dir")
         require_keys(state["strategies"], tuple(s.name for s in self.strategies), "strategy ")
+        if state.get("stream") and hasattr(self.stream, "load_state_dict"):
+            self.stream.load_state_dict(state["stream"])
         self.next_period = state["next_period"]
         self.dense.load_state_dict(state["dense"])
         for s in self.strategies:
