@@ -14,7 +14,10 @@ Modes: ``fwd`` (forward) and ``fwd+bwd`` (forward, then backward to ``x`` and th
 dense weight for cuBLAS, the stored blocks for ours, whatever torch supports for its BSR weight).
 Every row first checks our forward against the dense result. A targets section follows the table.
 
-    python benchmarks/bench_gpu.py --out runs/bench_gpu.csv [--quick] [--budget-s 300]
+    python benchmarks/bench_gpu.py [--out PATH] [--quick] [--budget-s 300]
+
+The CSV (default ``benchmarks/results/kernels_gpu.csv``, from an installed wheel
+``./adsparse-results/``) is written row by row, every row with the date, GPU, torch and commit.
 """
 
 from __future__ import annotations
@@ -210,8 +213,10 @@ def _targets(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the process exit status (0 also when CUDA is absent)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/bench_gpu.csv"),
-                        help="CSV file to write (directories are created)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV file to write, directories created (default "
+                             "benchmarks/results/kernels_gpu.csv in a checkout, "
+                             "./adsparse-results/kernels_gpu.csv otherwise)")
     parser.add_argument("--quick", action="store_true", help="only density 0.1, two shapes")
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop starting new rows after this many seconds")
@@ -231,12 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     rows: list[Row] = []
     start = time.perf_counter()
+    from adsparse._results import default_csv, run_facts  # after the CUDA check, like the ops
+
+    args.out = args.out or default_csv(__file__, "kernels_gpu.csv")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    facts = run_facts(device=torch.cuda.get_device_name())
     names = list(asdict(Row("", 0, 0, 0, 0.0, "")))
     # Written row by row, so a run cut short by a time limit still leaves its measurements.
     with args.out.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(names + ["vs_dense", "vs_torch"])
+        writer.writerow([*facts, *names, "vs_dense", "vs_torch"])
         for i, (dt, n, b, blk, d) in enumerate(cases):
             if time.perf_counter() - start > args.budget_s:
                 print(f"bench_gpu: time budget {args.budget_s:.0f}s reached after {i} of "
@@ -254,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 values = asdict(row)
                 values["notes"] = " | ".join(row.notes)
-                writer.writerow([values[k] for k in names] + [row.vs_dense, row.vs_torch])
+                writer.writerow([*facts.values(), *(values[k] for k in names), row.vs_dense,
+                                 row.vs_torch])
                 f.flush()
                 torch.cuda.empty_cache()
             r = rows[-2]

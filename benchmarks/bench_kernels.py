@@ -11,13 +11,14 @@ buffer) against ``nn.Linear``. "eff GFLOP/s" counts only the multiply-adds of st
 because other processes on a shared machine inflate medians.
 
 Usage: ``python benchmarks/bench_kernels.py [--quick] [--csv PATH] [--threads 2]``
-(``main(argv)`` is the entry point, so a CLI can call it).
+(``main(argv)`` is the entry point, so ``adsparse bench kernels`` runs this very file). The full
+table goes to ``benchmarks/results/kernels_cpu.csv`` (from an installed wheel:
+``./adsparse-results/``), every row with the date, CPU, kernel path, threads and commit.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import statistics
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import adsparse.ops as ops
+from adsparse._results import default_csv, run_facts, write_csv
 from adsparse.layout import BlockSparseWeight
 
 SHAPES_FULL = [(1024, 1024), (512, 256), (4096, 1024)]
@@ -258,8 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; print the table and the targets; write the CSV. Returns 0."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="N=K=1024, 16x16 only (< 40 s)")
-    p.add_argument("--csv", default="benchmarks/bench_kernels.csv", help="CSV output path")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--csv", default=None,
+                   help="CSV output path (default benchmarks/results/kernels_cpu.csv in a "
+                        "checkout, ./adsparse-results/kernels_cpu.csv otherwise)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of repeats per candidate (default 0.1 quick, 0.4 full)")
     args = p.parse_args(argv)
@@ -270,9 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shapes = SHAPES_FULL[:1] if args.quick else SHAPES_FULL
     densities = DENSITIES_QUICK if args.quick else DENSITIES_FULL
     blocks = [16] if args.quick else BLOCKS_FULL
-    isa = torch.ops.adsparse.selected_cpu_isa()
-    print(f"adsparse kernels: isa={isa}, threads={torch.get_num_threads()}, "
-          f"torch {torch.__version__}, {'quick' if args.quick else 'full'} run")
+    facts = {**run_facts(), "run": "quick" if args.quick else "full"}
+    print(f"adsparse kernels: isa={facts['isa']}, threads={facts['threads']}, "
+          f"torch {facts['torch']}, {facts['device']}, {facts['run']} run")
     print(HEADER)
     rows: list[Row] = []
 
@@ -301,13 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {desc:<46}{measured:>7.2f}  target {target:<8} {'MET' if met else 'MISSED'}")
     print(f"load average at start {load0}, at end {tuple(round(v, 2) for v in os.getloadavg())} "
           f"(on {os.cpu_count()} CPUs; other processes slow every timing)")
-    with open(args.csv, "w", newline="") as f:
-        extra = ["vs_dense", "vs_sparse", "vs_dense_min"]
-        writer = csv.DictWriter(f, fieldnames=[*asdict(rows[0]).keys(), *extra])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**asdict(r), **{name: getattr(r, name) for name in extra}})
-    print(f"\nwrote {args.csv} ({len(rows)} rows) in {time.perf_counter() - t_start:.1f} s")
+    extra = ["vs_dense", "vs_sparse", "vs_dense_min"]
+    table = [{**asdict(r), **{name: getattr(r, name) for name in extra}} for r in rows]
+    path = write_csv(args.csv or default_csv(__file__, "kernels_cpu.csv"), table, facts)
+    print(f"\nwrote {path} ({len(rows)} rows) in {time.perf_counter() - t_start:.1f} s")
     return 0
 
 

@@ -11,7 +11,9 @@ of the dense model's time spent in its MLPs (the part sparsity can remove) and t
 the MLPs alone (bottom + top, timed on the activations they see in the model).
 
 Usage: ``python benchmarks/bench_serving.py [--quick] [--threads 2] [--csv PATH]``
-(``main(argv)`` is the entry point, so ``adsparse bench serving`` runs this very file).
+(``main(argv)`` is the entry point, so ``adsparse bench serving`` runs this very file). The table
+goes to ``benchmarks/results/serving.csv`` (from an installed wheel: ``./adsparse-results/``),
+every row with the date, CPU, kernel path, threads and commit.
 Target: >= 3x faster end to end at B=512 on CPU.
 """
 
@@ -19,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from adsparse._results import default_csv, run_facts, write_csv
 from adsparse.data import SyntheticCTRStream
 from adsparse.models import DLRM, dlrm_preset, fuse_relu_, mlp_layers
 from adsparse.nn import sparsify_
@@ -100,20 +100,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the table; 0 on success, 1 if predictions disagree."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter timing budget (~20 s)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of repeats per timing (default 0.3 quick, 1.5 full)")
-    p.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    p.add_argument("--csv", default=None,
+                   help="CSV output path (default benchmarks/results/serving.csv in a checkout, "
+                        "./adsparse-results/serving.csv otherwise)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.5)
-    isa = torch.ops.adsparse.selected_cpu_isa() if hasattr(torch.ops.adsparse,
-                                                            "selected_cpu_isa") else "?"
+    facts = {**run_facts(), "run": "quick" if args.quick else "full"}
     dense, sparse, masked, stream = build_models()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"adsparse serving: wide DLRM, MLP density {DENSITY} ({BLOCK[0]}x{BLOCK[1]} blocks), "
-          f"isa={isa}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-          f"{platform.machine()}, {os.cpu_count()} cpus, load avg {load:.1f}")
+          f"isa={facts['isa']}, threads={facts['threads']}, torch {facts['torch']}, "
+          f"{facts['device']}, {facts['cpus']} cpus, load avg {facts['load']}")
     densities = {fqn: getattr(m, "density", 1.0) for fqn, m in mlp_layers(sparse)}
     print("layer densities: " + ", ".join(f"{k}={v:.3f}" for k, v in densities.items()))
     batch = next(iter(stream.period(0)))
@@ -147,12 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"target: >= {TARGET_SPEEDUP:g}x end to end at B={TARGET_BATCH}: "
           f"{target['speedup']:.2f}x {'MET' if met else 'MISSED'} "
           f"({time.perf_counter() - t_start:.1f} s)")
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {args.csv}")
+    print(f"wrote {write_csv(args.csv or default_csv(__file__, 'serving.csv'), rows, facts)}")
     return 0 if ok else 1
 
 
