@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 CSRC := $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: setup build demo test test-fast bench lint clean
+.PHONY: setup build demo test test-wheel bench lint clean
 
 setup: $(VENV)/.deps build
 
@@ -29,6 +29,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# Builds the wheel (the C++ extension: minutes), installs it outside the checkout and runs every
+# CLI command from there (tests/test_wheel.py; skipped by `make test`).
+test-wheel: setup
+	ADSPARSE_TEST_WHEEL=1 $(PY) -m pytest -q tests/test_wheel.py
 
 bench: setup
 	$(PY) benchmarks/bench_kernels.py

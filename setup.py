@@ -1,5 +1,8 @@
 """Build adsparse: the C++ CPU kernels (adsparse._C) plus the Python packages.
 
+Packages: ``adsparse`` (python/adsparse), ``adsparse_kernels`` (the Triton kernels) and
+``adsparse.benchmarks`` (the scripts of benchmarks/, so `adsparse bench` works from a wheel).
+
 Build switches are environment variables (read here, at build time):
   ADSPARSE_DEBUG=1     build the extension with -O0 -g instead of -O3.
 Install against an installed torch:  pip install --no-build-isolation -e .
@@ -8,7 +11,7 @@ Install against an installed torch:  pip install --no-build-isolation -e .
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 debug = os.environ.get("ADSPARSE_DEBUG", "0") == "1"
@@ -18,6 +21,11 @@ debug = os.environ.get("ADSPARSE_DEBUG", "0") == "1"
 cxx_flags = ["-fopenmp", "-Wno-c++20-extensions"] + (["-O0", "-g"] if debug else ["-O3"])
 
 setup(
+    # The benchmark scripts ship inside the package (one copy: the folder benchmarks/ itself is
+    # mapped), because the CLI's `adsparse bench` must find them in an installed wheel too.
+    packages=[*find_packages("python"), "adsparse_kernels", "adsparse.benchmarks"],
+    package_dir={"": "python", "adsparse_kernels": "adsparse_kernels",
+                 "adsparse.benchmarks": "benchmarks"},
     ext_modules=[
         CppExtension(
             name="adsparse._C",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import importlib.util
 import os
 import sys
@@ -154,9 +155,15 @@ def _parser() -> _Parser:
     run.add_argument("--out", default=None,
                      help="output folder, new or empty (default runs/<timestamp>[-N])")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/")
-    bench.add_argument("which", choices=BENCHMARKS)
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the benchmark")
+    bench = sub.add_parser(
+        "bench", help="run a benchmark script of benchmarks/ (also in an installed wheel)",
+        description="Run a benchmark script; its own options follow the name (e.g. "
+                    "`adsparse bench kernels --quick`, `adsparse bench kernels -h`).")
+    bench.add_argument("which", choices=BENCHMARKS,
+                       help="kernels (CPU ops vs MKL and torch.sparse), serving (DLRM "
+                            "inference, dense vs sparse) or quality (the online paradigms)")
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="options passed to the benchmark (see `adsparse bench WHICH -h`)")
     return parser
 
 
@@ -352,8 +359,29 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_dir() -> Path | None:
+    """Where the benchmark scripts are: the checkout's benchmarks/, else the installed copy.
+
+    In a checkout (editable install, or ``python/`` on the path) the scripts are the files in
+    benchmarks/ themselves. A wheel ships that same folder as the package
+    ``adsparse.benchmarks`` (setup.py maps it), so an installed ``adsparse`` finds them there.
+    """
+    checkout = _REPO / "benchmarks"
+    if checkout.is_dir():
+        return checkout
+    try:
+        installed = importlib.import_module("adsparse.benchmarks")
+    except ImportError:
+        return None
+    return Path(next(iter(installed.__path__)))
+
+
 def _load_benchmark(which: str):
-    path = _REPO / "benchmarks" / f"bench_{which}.py"
+    folder = _benchmark_dir()
+    if folder is None:
+        raise UsageError(f"benchmark {which!r} not found: no benchmarks/ folder next to the "
+                         "package and no installed adsparse.benchmarks")
+    path = folder / f"bench_{which}.py"
     if not path.is_file():
         raise UsageError(f"benchmark {which!r} not found at {path}")
     # Loaded by path so `adsparse bench` runs the very file in benchmarks/, not a copy.
