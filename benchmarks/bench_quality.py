@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import multiprocessing
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from adsparse.online import Experiment, OnlineConfig, make_stream, run_experimen
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 STRATEGIES = ["prune_once", "d2s", "d2s:r=3", "ad2s", "ad2s:handover=immediate"]
+CONTROL = ["prune_once", "d2s", "ad2s"]  # the no-drift control needs only these
 
 # Two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -77,7 +80,9 @@ def bayes_ne(exp: Experiment) -> list[float]:
 
 def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
     """One seed of one drift setting: the run's results plus the stream's Bayes NE."""
-    cfg = OnlineConfig(seed=seed, density=args.density, strategies=args.strategies,
+    torch.set_num_threads(1)
+    strategies = args.strategies if drift == "regimes" else args.control_strategies
+    cfg = OnlineConfig(seed=seed, density=args.density, strategies=strategies,
                        prune_steps=args.prune_steps)
     exp = Experiment(cfg=cfg, drift=drift, periods=args.periods,
                      samples_per_period=args.samples_per_period, batch_size=args.batch_size,
@@ -86,6 +91,15 @@ def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
     results["bayes_ne"] = bayes_ne(exp)
     results["regime_boundaries"] = list(getattr(make_stream(exp), "regime_boundaries", []))
     return results
+
+
+def run_seeds(args: argparse.Namespace, drift: str, seeds: list[int]) -> list[dict[str, Any]]:
+    """Every seed of one setting, ``args.jobs`` at a time (fresh processes, one thread each)."""
+    if args.jobs <= 1:
+        return [run_one(args, drift, seed) for seed in seeds]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        return list(pool.map(run_one, [args] * len(seeds), [drift] * len(seeds), seeds))
 
 
 def period_gaps(results: dict[str, Any], name: str) -> dict[int, float]:
@@ -197,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"density of every sparse strategy (default {cfg0.density})")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
                         help=f"strategies besides dense (default {','.join(STRATEGIES)})")
+    parser.add_argument("--control-strategies", default=",".join(CONTROL),
+                        help="strategies of the settings without regime changes (default "
+                             f"{','.join(CONTROL)})")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run in parallel processes, one thread each (default 1)")
     parser.add_argument("--periods", type=int, default=exp0.periods,
                         help=f"periods per run (default {exp0.periods})")
     parser.add_argument("--samples-per-period", type=int, default=exp0.samples_per_period,
@@ -213,19 +232,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.seeds, args.periods, args.samples_per_period = 2, 4, 4096
     args.strategies = [s for s in args.strategies.split(",") if s]
-    if "ad2s" not in args.strategies or "prune_once" not in args.strategies:
-        parser.error("--strategies must include ad2s and prune_once (the comparisons need them)")
+    args.control_strategies = [s for s in args.control_strategies.split(",") if s]
+    for names in (args.strategies, args.control_strategies):
+        if "ad2s" not in names or "prune_once" not in names:
+            parser.error("the strategy lists must include ad2s and prune_once (the comparisons "
+                         "need them)")
     drifts = [d for d in args.drifts.split(",") if d]
     torch.set_num_threads(1)
     seeds = list(range(args.seeds))
     print(f"# bench_quality {time.strftime('%Y-%m-%d %H:%M')}: {args.periods} periods x "
           f"{args.samples_per_period} samples (batch {args.batch_size}), density "
-          f"{args.density}, seeds {seeds}, 1 thread")
+          f"{args.density}, seeds {seeds}, 1 thread per run", flush=True)
     for drift in drifts:
         start = time.perf_counter()
-        runs = [run_one(args, drift, seed) for seed in seeds]
-        rows = summarize_setting(runs, ["dense", *args.strategies])
-        print(f"\n## drift={drift} ({time.perf_counter() - start:.0f} s)")
+        runs = run_seeds(args, drift, seeds)
+        names = args.strategies if drift == "regimes" else args.control_strategies
+        rows = summarize_setting(runs, ["dense", *names])
+        print(f"\n## drift={drift} ({time.perf_counter() - start:.0f} s, {args.jobs} jobs)")
         print("rel NE loss = mean over seeds x scored periods of (NE - NE_dense)/NE_dense; CIs "
               "are 95% half-widths; 'minus ad2s' = paired difference (positive: ad2s better); "
               "regen = regenerations after warm-up, won = challenger handovers, cost = one "
@@ -235,6 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if runs[0]["regime_boundaries"]:
             print("\n".join(premise(runs)))
         write_csvs(drift, runs, rows, seeds, args.out)
+        sys.stdout.flush()
     return 0
 
 

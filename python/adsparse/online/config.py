@@ -52,7 +52,7 @@ class OnlineConfig:
     window_batches: int = 16  # NE gaps, handovers and the ad2s triggers work per window
     # ad2s: regenerate when the mean gap of the last min_interval windows has grown by more
     # than this (relative NE) above its lowest value since the last regeneration (AD2SStrategy)
-    ne_tolerance: float = 0.005
+    ne_tolerance: float = 0.01
     drift_bound: float = 0.5  # ad2s: ... or when this share of the serving mask would change
     min_interval: int = 4  # ad2s: windows between regenerations, at least ...
     max_interval: int = 32  # ... and at most
