@@ -30,6 +30,8 @@ setup(
         CppExtension(
             name="adsparse._C",
             sources=sorted(glob.glob("csrc/*.cpp")),
+            # Headers as dependencies: a header change rebuilds, and an sdist carries them.
+            depends=sorted(glob.glob("csrc/*.h")),
             include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],

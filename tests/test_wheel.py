@@ -1,7 +1,8 @@
 """A wheel install is complete: every CLI command works outside the checkout.
 
-Fast tests (always run): the build ships the benchmark scripts as ``adsparse.benchmarks``, and
-``adsparse bench`` finds them there when there is no checkout. The full check builds the wheel
+Fast tests (always run): the build ships the benchmark scripts as ``adsparse.benchmarks``, an
+sdist carries every kernel source and header, and ``adsparse bench`` finds the scripts in the
+installed package when there is no checkout. The full check builds the wheel
 (the C++ extension: 2-4 minutes on 2 cores), installs it into a fresh folder and runs the CLI
 from outside the checkout; it is opt-in (``ADSPARSE_TEST_WHEEL=1``, or ``make test-wheel``)
 because the build would double the suite's time.
@@ -10,8 +11,10 @@ because the build would double the suite's time.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import types
 import zipfile
 from pathlib import Path
@@ -42,6 +45,27 @@ def test_build_ships_the_benchmark_scripts(tmp_path):
         name = f"bench_{which}.py"
         assert (out / "adsparse" / "benchmarks" / name).read_bytes() == (
             ROOT / "benchmarks" / name).read_bytes()
+
+
+def test_sdist_carries_what_the_build_needs(tmp_path):
+    """A source distribution holds every kernel source and header (the build reads them all),
+    the Triton kernels and the benchmark scripts. Built from a copy: sdist writes egg-info."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("csrc", "adsparse_kernels", "benchmarks", "python"):
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__", "results"))
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")],
+                   cwd=src, check=True, capture_output=True, timeout=300)
+    (sdist,) = (tmp_path / "dist").glob("adsparse-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    needed = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir()}
+    needed |= {f"benchmarks/bench_{which}.py" for which in cli.BENCHMARKS}
+    needed |= {"adsparse_kernels/__init__.py", "python/adsparse/__init__.py"}
+    assert needed <= names, sorted(needed - names)
 
 
 def test_bench_finds_the_installed_scripts(tmp_path, monkeypatch, capsys):
