@@ -34,11 +34,12 @@ from typing import Any
 
 import torch
 
+from adsparse._results import default_csv
 from adsparse.data import DRIFTS
 from adsparse.metrics import StreamingMetrics, relative_ne
 from adsparse.online import Experiment, OnlineConfig, make_stream, run_experiment
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = default_csv(__file__, "quality_summary.csv").parent
 STRATEGIES = ["prune_once", "d2s", "d2s:r=3", "ad2s", "ad2s:handover=immediate"]
 CONTROL = ["prune_once", "d2s", "ad2s"]  # the no-drift control needs only these
 
@@ -227,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="2 seeds, 4 short periods: a smoke run, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
-                        help="folder of the CSV files (default benchmarks/results)")
+                        help="folder of the CSV files (default benchmarks/results in a "
+                             "checkout, ./adsparse-results from an installed wheel)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.periods, args.samples_per_period = 2, 4, 4096

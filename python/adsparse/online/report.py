@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from adsparse.metrics import relative_ne
+
 __all__ = ["format_table", "scored_anything", "summarize", "unscored_reason", "write_report"]
 
 
@@ -40,11 +42,12 @@ def unscored_reason(row: dict[str, Any]) -> str | None:
 
 
 def _rel(value: float | None, ref: float | None) -> float:
-    """``(value - ref) / ref``, NaN where either is missing, not finite, or ``ref`` is 0."""
+    """:func:`adsparse.metrics.relative_ne`, NaN where either is missing, not finite, or
+    ``ref`` is 0."""
     if value is None or ref is None or not (math.isfinite(value) and math.isfinite(ref)) \
             or ref == 0:
         return math.nan
-    return (value - ref) / ref
+    return relative_ne(value, ref)
 
 
 def scored_anything(results: dict[str, Any]) -> bool:
@@ -81,6 +84,8 @@ def summarize(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "worst_rel_ne_loss": None if worst is None else gaps[worst],
             # The warm-up model is not a regeneration of the paradigm, it is its start.
             "regenerations": sum(1 for g in s["regenerations"] if g["reason"] != "warmup"),
+            "handovers": sum(1 for h in s.get("handovers", []) if h["outcome"] == "won"),
+            "regeneration_cost_periods": s.get("regeneration_cost_periods"),
             "serving_density": s["serving_density"],
             "layer_densities": s["layer_densities"], "train_time_s": s["train_time_s"],
         }
@@ -91,7 +96,7 @@ def format_table(results: dict[str, Any]) -> str:
     """The end-of-run table, one row per strategy, plus per-layer densities below it."""
     summary = summarize(results)
     header = (f"{'strategy':<24}{'mean NE':>9}{'rel NE':>9}{'worst (period)':>18}{'regen':>7}"
-              f"{'density':>9}{'train s':>9}")
+              f"{'won':>5}{'cost':>6}{'density':>9}{'train s':>9}")
     lines = [header, "-" * len(header)]
     for name, s in summary.items():
         worst = ("-" if s["worst_period"] is None
@@ -100,12 +105,16 @@ def format_table(results: dict[str, Any]) -> str:
             means = f"{s['mean_ne']:>9.4f}{100 * s['rel_ne_loss']:>+8.2f}%"
         else:
             means = f"{'-':>9}{'-':>9}"
+        cost = s["regeneration_cost_periods"]
+        cost = "-" if cost is None else f"{cost:.2f}"
         lines.append(f"{name:<24}{means}"
-                     f"{worst:>18}{s['regenerations']:>7}{s['serving_density']:>9.3f}"
-                     f"{s['train_time_s']:>9.1f}")
+                     f"{worst:>18}{s['regenerations']:>7}{s['handovers']:>5}{cost:>6}"
+                     f"{s['serving_density']:>9.3f}{s['train_time_s']:>9.1f}")
     lines.append("")
     lines.append("mean NE and rel NE over the scored periods (after the warm-up); rel NE = "
-                 "(NE - NE_dense) / NE_dense; density = kept share of MLP weights.")
+                 "(NE - NE_dense) / NE_dense; regen = regenerations after the warm-up, won = "
+                 "challengers that took over; cost = one regeneration in periods of dense "
+                 "training; density = kept share of MLP weights.")
     left_out = summary[_dense_name(results)]["unscored_periods"]
     if left_out:
         lines.append("periods not scored: " + "; ".join(
