@@ -126,6 +126,38 @@ def test_new_ids_appear_and_popularity_shifts():
     assert share_last < 0.7 * share_first, (share_first, share_last)
 
 
+def test_regimes_rewire_pairs_of_one_pool_of_fields(drift_stream):
+    s = drift_stream
+    fields = {f for p in (0, 2, 4) for pair in s.interaction_pairs(p) for f in pair}
+    assert len(fields) <= 6  # one pool: the fields' factors outlive a regime change
+    assert len({tuple(s.interaction_pairs(p)) for p in (0, 2, 4)}) == 3
+
+
+@pytest.mark.parametrize("drift", ["none", "slow"])
+def test_drift_knob(drift):
+    s = SyntheticCTRStream(num_periods=6, samples_per_period=4096, seed=4, batch_size=4096,
+                           drift=drift)
+    assert s.regime_boundaries == [] and s.regime_of(5) == 0
+    ids = torch.arange(1, 20)
+    moved = not torch.equal(s.latent_factors(3, ids, 0.0), s.latent_factors(3, ids, 5.0))
+    assert moved == (drift == "slow")
+    f = max(range(len(s.embedding_sizes)), key=lambda i: s.embedding_sizes[i])
+    assert (s.available_ids(f, 0.0) == s.available_ids(f, 5.0)) == (drift == "none")
+    first, last = _collect(s, 0), _collect(s, 5)
+    # Stationary: the same ID frequencies and CTR in the first and the last period.
+    if drift == "none":
+        top = torch.bincount(first.sparse[:, f]).topk(10).indices
+        a = float(torch.isin(first.sparse[:, f], top).float().mean())
+        b = float(torch.isin(last.sparse[:, f], top).float().mean())
+        assert abs(a - b) < 0.05, (a, b)
+        assert abs(float(first.labels.mean()) - float(last.labels.mean())) < 0.03
+
+
+def test_drift_knob_rejects_unknown_values():
+    with pytest.raises(ValueError, match="drift must be one of"):
+        SyntheticCTRStream(num_periods=3, samples_per_period=64, drift="fast")
+
+
 def test_true_logits_are_the_bayes_predictor():
     s = SyntheticCTRStream(num_periods=2, samples_per_period=6000, seed=2, batch_size=1000)
     batches = list(s.true_logits(1))
