@@ -138,3 +138,19 @@ def test_lock_is_dropped_when_its_process_dies(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
     with CheckpointLock(tmp_path):
         pass
+
+
+def test_a_checkpoint_missing_keys_is_one_clear_error(tmp_path):
+    from adsparse.data import SyntheticCTRStream
+    from adsparse.online import OnlineConfig, OnlineTrainer, default_components
+
+    stream = SyntheticCTRStream(num_periods=2, samples_per_period=128, seed=1, batch_size=64,
+                                embedding_sizes=[20, 7, 30])
+    comps = default_components(stream.num_dense, stream.embedding_sizes,
+                               model={"embedding_dim": 8, "bottom_mlp": [16, 8],
+                                      "top_mlp": [16, 1]})
+    cfg = OnlineConfig(strategies=["dense"])
+    save_checkpoint(tmp_path, {"next_period": 1, "dense": {}})
+    trainer = OnlineTrainer(stream, cfg, comps, checkpoint_dir=str(tmp_path), progress=False)
+    with pytest.raises(CheckpointError, match=r"lacks 'fingerprint'.*--checkpoint-dir"):
+        trainer.run()
