@@ -155,6 +155,37 @@ def test_run_on_criteo_files(tmp_path, capsys):
     assert [r["count"] for r in periods] == [150, 150, 150]
 
 
+def test_resumed_criteo_run_counts_every_malformed_row(tmp_path, capsys):
+    """The malformed-row total after a resume equals the uninterrupted run's: the checkpoint
+    carries the per-period counts of the periods read before the stop."""
+    from adsparse.data import CriteoStream
+    from adsparse.online import OnlineConfig, OnlineTrainer, default_components
+
+    paths = _criteo_files(tmp_path, 3)
+
+    def trainer(stream: CriteoStream, **kw) -> OnlineTrainer:
+        comps = default_components(stream.num_dense, stream.embedding_sizes,
+                                   model={"embedding_dim": 8, "bottom_mlp": [16, 8],
+                                          "top_mlp": [16, 1]})
+        cfg = OnlineConfig(strategies=["dense"])
+        return OnlineTrainer(stream, cfg, comps, progress=False, **kw)
+
+    straight = CriteoStream(paths, batch_size=50, hash_sizes=64)
+    trainer(straight).run()
+
+    def crash(p: int) -> None:
+        if p == 1:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        trainer(CriteoStream(paths, batch_size=50, hash_sizes=64),
+                checkpoint_dir=str(tmp_path / "ckpt"), on_period_end=crash).run()
+    resumed = CriteoStream(paths, batch_size=50, hash_sizes=64)
+    trainer(resumed, checkpoint_dir=str(tmp_path / "ckpt")).run()
+    assert straight.malformed_rows == 3
+    assert resumed.malformed_rows == straight.malformed_rows
+
+
 def test_sigkill_mid_period_resumes_to_the_same_numbers(tmp_path):
     """A run killed at an arbitrary point (here: SIGKILL inside the period after the first
     checkpoint) resumes from that checkpoint to the uninterrupted run's numbers."""
