@@ -1,83 +1,129 @@
-"""Pruning quality: held-out NE of an MLP click model pruned by every method at equal budgets.
+"""Pruning quality: held-out NE of two click models pruned by every method at equal budgets.
 
-A fixed synthetic click task (a random teacher network over 64 dense features, of which only
-16 carry signal, with a CTR-like base rate), an MLP ``64 -> 256 -> 256 -> 128 -> 1`` trained
-dense, then for each method, density and granularity:
+Models (``--models``):
 
-1. a copy of the dense model is pruned (the three hidden layers; the ``128 -> 1`` head is
-   smaller than one 16x16 block and stays dense for every method);
-2. it is fine-tuned with its masks fixed (``SparseLinear`` layers, masked kernel);
-3. normalized entropy (NE, mean log-loss over the entropy of the base rate) is measured on a
-   held-out set, with each layer's density.
+* ``mlp``: an MLP ``64 -> 256 -> 256 -> 128 -> 1`` on a fixed synthetic click function (a random
+  teacher network over 32 of the 64 dense features, tanh units plus pairwise products) that
+  needs the MLP's capacity: the dense model is still improving when it is pruned, and cutting it
+  to 10% or 5% of its weights costs NE. fc0/fc1/fc2 are pruned; the 128 -> 1 head is smaller than
+  one 16x16 block and stays dense.
+* ``dlrm``: the ``kaggle`` DLRM preset (bottom 13-512-256-64-16, top 367-512-256-1) on the
+  default synthetic stream (``SyntheticCTRStream`` with its defaults, tables capped at 2000 rows
+  as ``adsparse run`` does). The layers that hold a 16x16 block are pruned (bottom 2/4/6, top
+  0/2); the 13-wide input layer and the 1-wide head stay dense, as in the online runs.
 
-Every method gets the same number of training steps after the dense model: ``gmp`` and
-``learned`` spend ``--transition-steps`` of them pruning (training the pruned layers while the
-masks form), the one-shot methods (``uniform``, ``global``, ``lamp``) fine-tune for those steps
-instead. The dense reference is the dense model trained for those same extra steps. Each cell is
-the mean over ``--seeds`` runs that differ in the order of the batches after the dense model
-(the dense model and the data are fixed), so the spread between seeds shows the noise level.
+For every seed (``--seeds``): a task (MLP: teacher and test set; DLRM: the stream's seed) and a
+dense model trained on it; then, from that same dense model and on the same batches (paired),
+for each granularity, density and method:
 
-    python benchmarks/bench_pruning.py            # full table (about 10 minutes on 2 cores)
-    python benchmarks/bench_pruning.py --quick    # a smoke run (well under a minute)
+1. phase 1, ``--transition-steps`` steps that train the pruned layers only: ``gmp`` and
+   ``learned`` run their transition; a one-shot method (``uniform``, ``global``, ``lamp``)
+   prunes at once, then trains those layers through its fixed masks;
+2. phase 2, ``--finetune-steps`` steps that train every parameter with the masks fixed
+   (``SparseLinear``, masked kernel);
+3. normalized entropy (NE: mean log-loss over the entropy of the base rate) is measured on
+   held-out data.
+
+Each phase uses a fresh Adam at ``--after-lr`` (below the dense training's ``--lr``, so that no
+fresh optimizer undoes the dense training). The dense reference gets exactly the same two
+phases on the same batches (phase 1 trains the layers the others prune), so every model has
+trained the same parameters for the same steps, and the dense one is the best a pruned one can
+approach. Cells report
+the mean NE over seeds with a 95% confidence interval (Student t), each method's mean per-layer
+densities, and, for ``learned``, the paired difference to the best other method with its 95%
+CI (negative: ``learned`` better; significant when the CI excludes 0). Transition wall times
+are recorded (``learned`` / ``gmp`` ratio in the summary).
+
+    python benchmarks/bench_pruning.py            # full run, CSVs in benchmarks/results/
+    python benchmarks/bench_pruning.py --quick    # a smoke run (about a minute)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import csv
 import math
+import os
+import platform
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adsparse.nn import SparseLinear
-from adsparse.pruning import METHODS, Pruner
+from adsparse.pruning import METHODS, LearnedConfig, Pruner
 
-HIDDEN = ("fc0", "fc1", "fc2")
+RESULTS = Path(__file__).resolve().parent / "results"
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
 
 
-# --------------------------------------------------------------------------- task
+def t975(df: int) -> float:
+    if df in T975:
+        return T975[df]
+    return T975[max(k for k in T975 if k <= df)] if df < 30 else 1.96
+
+
+def mean_ci(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (0 for a single value)."""
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    return m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean log-loss divided by the entropy of the mean label (TorchRec's NE)."""
+    logloss = F.binary_cross_entropy_with_logits(logits.double(), labels.double())
+    p = labels.double().mean().clamp(1e-12, 1 - 1e-12)
+    base = -(p * p.log() + (1 - p) * (1 - p).log())
+    return float(logloss / base)
+
+
+# --------------------------------------------------------------------------- the MLP task
 @dataclass
-class Task:
-    """A fixed click function; training batches are fresh draws, the test set is fixed."""
+class Teacher:
+    """A fixed click function over the first ``informative`` of ``features`` Gaussian inputs."""
 
     w1: torch.Tensor
     w2: torch.Tensor
+    w3: torch.Tensor
     pairs: torch.Tensor
     coef: torch.Tensor
+    offset: float
     features: int
-    x_test: torch.Tensor | None = None
-    y_test: torch.Tensor | None = None
 
     def sample(self, n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randn(n, self.features, generator=g)
         z = x[:, :self.w1.shape[0]]
-        logit = (torch.tanh(z @ self.w1) @ self.w2
-                 + (z[:, self.pairs[:, 0]] * z[:, self.pairs[:, 1]]) @ self.coef - 2.6)
+        h = torch.tanh(torch.tanh(z @ self.w1) @ self.w2)
+        logit = (h @ self.w3 + (z[:, self.pairs[:, 0]] * z[:, self.pairs[:, 1]]) @ self.coef
+                 + self.offset)
         return x, torch.bernoulli(torch.sigmoid(logit), generator=g)
 
 
-def make_task(n_test: int, seed: int = 0, features: int = 64, informative: int = 16) -> Task:
-    """Clicks drawn from a random two-layer teacher over the informative features.
+def make_teacher(seed: int, features: int = 64, informative: int = 32, hidden: int = 96
+                 ) -> Teacher:
+    """A two-layer tanh teacher plus 24 pairwise products, click rate near 20%.
 
-    The teacher mixes a smooth part (tanh units) with pairwise products, so the student needs
-    its hidden layers; the logit offset puts the click rate near 15%. Training draws fresh
-    examples (a stream, as online recommendation sees), so no model can overfit and a pruned
-    model cannot beat the dense one by regularising it.
+    Wide enough that the student MLP uses its capacity (NE keeps falling with training and a
+    5%-dense student cannot match the dense one); half of the inputs are pure noise, so that
+    the first layer and the others deserve different densities.
     """
     g = torch.Generator().manual_seed(seed)
-    task = Task(torch.randn(informative, 48, generator=g) / math.sqrt(informative),
-                torch.randn(48, generator=g) * 1.5 / math.sqrt(48),
-                torch.randint(0, informative, (12, 2), generator=g),
-                torch.randn(12, generator=g) * 0.6, features)
-    task.x_test, task.y_test = task.sample(n_test, g)
-    return task
+    return Teacher(torch.randn(informative, hidden, generator=g) * 1.5 / math.sqrt(informative),
+                   torch.randn(hidden, hidden, generator=g) * 1.5 / math.sqrt(hidden),
+                   torch.randn(hidden, generator=g) * 2.5 / math.sqrt(hidden),
+                   torch.randint(0, informative, (24, 2), generator=g),
+                   torch.randn(24, generator=g) * 0.5, -1.6, features)
 
 
 class ClickMLP(nn.Module):
@@ -95,159 +141,353 @@ class ClickMLP(nn.Module):
         return self.head(h).squeeze(-1)
 
 
-def bce(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def mlp_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(model(batch[0]), batch[1])
 
 
-def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean log-loss divided by the entropy of the window's mean label (TorchRec's NE)."""
-    logloss = F.binary_cross_entropy_with_logits(logits.double(), labels.double())
-    p = labels.double().mean().clamp(1e-12, 1 - 1e-12)
-    base = -(p * p.log() + (1 - p) * (1 - p).log())
-    return float(logloss / base)
+# --------------------------------------------------------------------------- one model's setup
+@dataclass
+class Setup:
+    """One seed of one model: the dense model, its loss, the batches after it, the test set."""
+
+    name: str
+    dense: nn.Module
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    after: Callable[[], Iterator[Any]]  # the same batches for every method of this seed
+    evaluate: Callable[[nn.Module], float]
+    layers: list[str]  # the pruned layers, in order
+    dense_s: float
 
 
-def batches(task: Task, batch_size: int, seed: int):
-    """An endless stream of fresh training batches (the same stream for a given seed)."""
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        yield task.sample(batch_size, g)
+def mlp_setup(seed: int, args: argparse.Namespace) -> Setup:
+    teacher = make_teacher(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x_test, y_test = teacher.sample(args.test, g)
+    torch.manual_seed(seed)
+    dense = ClickMLP(teacher.features)
+
+    def stream(s: int) -> Iterator[Any]:
+        gen = torch.Generator().manual_seed(s)
+        while True:
+            yield teacher.sample(args.batch_size, gen)
+
+    start = time.perf_counter()
+    train(dense, stream(seed + 1000), mlp_loss, args.mlp_dense_steps, args.lr)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        out = normalized_entropy(model(x_test), y_test)
+        model.train()
+        return out
+
+    return Setup("mlp", dense, mlp_loss, lambda: stream(seed + 2000), evaluate,
+                 ["fc0", "fc1", "fc2"], time.perf_counter() - start)
 
 
-def train(model: nn.Module, stream, steps: int, lr: float) -> None:
+def dlrm_setup(seed: int, args: argparse.Namespace) -> Setup:
+    from adsparse.data import CRITEO_LIKE_SIZES, SyntheticCTRStream
+    from adsparse.models.dlrm import dlrm_preset, mlp_layers
+
+    sizes = [min(n, 2000) for n in CRITEO_LIKE_SIZES]  # what `adsparse run` uses by default
+    stream = SyntheticCTRStream(seed=seed, batch_size=args.batch_size, embedding_sizes=sizes,
+                                samples_per_period=args.dlrm_period_samples)
+    torch.manual_seed(seed)
+    dense = dlrm_preset("kaggle", stream.num_dense, sizes)
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+
+    start = time.perf_counter()
+    periods = args.dlrm_dense_periods
+    dense_batches = [b for p in range(periods) for b in stream.period(p)]
+    train(dense, iter(dense_batches), loss_fn, len(dense_batches), args.lr)
+    held = list(stream.period(periods))  # the next period: its head trains, its tail tests
+    n_test = max(1, len(held) // 4)
+    train_part, test_part = held[:-n_test], held[-n_test:]
+
+    def after() -> Iterator[Any]:
+        while True:
+            yield from train_part
+
+    dense_ = torch.cat([b.dense for b in test_part])
+    sparse_ = torch.cat([b.sparse for b in test_part])
+    labels_ = torch.cat([b.labels for b in test_part])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        model.eval()
+        out = normalized_entropy(model(dense_, sparse_), labels_)
+        model.train()
+        return out
+
+    layers = [fqn for fqn, m in mlp_layers(dense) if m.in_features >= 16 and m.out_features >= 16]
+    return Setup("dlrm", dense, loss_fn, after, evaluate, layers, time.perf_counter() - start)
+
+
+SETUPS = {"mlp": mlp_setup, "dlrm": dlrm_setup}
+STEPS = {"mlp": (80, 80), "dlrm": (50, 50)}  # (transition, finetune): sized for the run time
+
+
+# --------------------------------------------------------------------------- training and runs
+def train(model: nn.Module, stream: Iterator[Any], loss_fn: Callable, steps: int, lr: float
+          ) -> None:
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
-        loss = bce(model, next(stream))
+        loss = loss_fn(model, next(stream))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, task: Task) -> float:
-    model.eval()
-    return normalized_entropy(model(task.x_test), task.y_test)
+def pruned_params(model: nn.Module, layers: list[str]) -> list[nn.Parameter]:
+    """Weights and biases of the pruned layers: what a transition trains."""
+    out = []
+    for fqn in layers:
+        layer = model.get_submodule(fqn)
+        out += [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    return out
 
 
-# --------------------------------------------------------------------------- one run
-def dense_reference(dense: nn.Module, task: Task, args: argparse.Namespace, seed: int) -> float:
-    """NE of the dense model trained for the same extra steps as every pruned model."""
-    model = copy.deepcopy(dense)
-    train(model, batches(task, args.batch_size, seed + 1),
-          args.transition_steps + args.finetune_steps, args.lr)
-    return evaluate(model, task)
+def train_params(model: nn.Module, params: list[nn.Parameter], stream: Iterator[Any],
+                 loss_fn: Callable, steps: int, lr: float) -> None:
+    """``steps`` steps of a fresh Adam over ``params`` only (the rest stays as it is)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    try:
+        train(model, stream, loss_fn, steps, lr)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
-def prune_and_finetune(dense: nn.Module, task: Task, method: str, density: float,
-                       granularity: str, args: argparse.Namespace, seed: int) -> dict:
-    model = copy.deepcopy(dense)
-    torch.manual_seed(seed)
+def dense_reference(setup: Setup, args: argparse.Namespace) -> float:
+    """The dense model with the same training after it as every pruned model: phase 1 trains
+    the would-be pruned layers only, phase 2 everything, each with a fresh Adam."""
+    model = copy.deepcopy(setup.dense)
+    stream = setup.after()
+    train_params(model, pruned_params(model, setup.layers), stream, setup.loss_fn,
+                 args.transition_steps, args.after_lr)
+    train(model, stream, setup.loss_fn, args.finetune_steps, args.after_lr)
+    return setup.evaluate(model)
+
+
+def prune_and_finetune(setup: Setup, method: str, density: float, granularity: str,
+                       args: argparse.Namespace) -> dict:
+    """Phase 1 (``transition_steps``): ``gmp``/``learned`` run their transition, which trains
+    the pruned layers only; a one-shot method prunes, then trains the same layers through its
+    fixed masks. Phase 2 (``finetune_steps``): every parameter, masks fixed. Each phase a
+    fresh Adam at ``after_lr``, so all methods (and the dense reference) train the same
+    parameters for the same steps."""
+    model = copy.deepcopy(setup.dense)
+    stream = setup.after()
+    trains = METHODS[method].trains
     start = time.perf_counter()
     pruner = Pruner(model, density, method, granularity, (16, 16), args.min_layer_density,
-                    filter_fn=lambda m, fqn: fqn in HIDDEN, scorer=args.scorer, lr=args.lr)
-    transition = args.transition_steps if method in ("gmp", "learned") else 0
-    masks = pruner.prune(batches(task, args.batch_size, seed), bce, steps=transition)
+                    filter_fn=lambda m, fqn: fqn in setup.layers, scorer=args.scorer,
+                    lr=args.after_lr, gmp_update_every=args.update_every,
+                    learned=LearnedConfig(update_every=args.update_every))
+    masks = pruner.prune(stream, setup.loss_fn, steps=args.transition_steps if trains else 0)
     prune_s = time.perf_counter() - start
-    for fqn in HIDDEN:  # fixed masks from here on, through the masked kernel
-        layer = SparseLinear.from_linear(getattr(model, fqn), (16, 16), granularity,
+    for fqn in setup.layers:  # fixed masks from here on, through the masked kernel
+        parent_name, _, child = fqn.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = SparseLinear.from_linear(getattr(parent, child), (16, 16), granularity,
                                          mask=masks[fqn])
-        setattr(model, fqn, layer)
-    finetune = args.finetune_steps + args.transition_steps - transition
-    train(model, batches(task, args.batch_size, seed + 1), finetune, args.lr)
-    return {"method": method, "density": density, "granularity": granularity,
-            "ne": evaluate(model, task), "achieved": pruner.global_density(),
+        setattr(parent, child, layer)
+    if not trains:
+        train_params(model, pruned_params(model, setup.layers), stream, setup.loss_fn,
+                     args.transition_steps, args.after_lr)
+    train(model, stream, setup.loss_fn, args.finetune_steps, args.after_lr)
+    return {"ne": setup.evaluate(model), "achieved": pruner.global_density(),
             "layers": pruner.layer_densities(), "prune_s": prune_s,
             "total_s": time.perf_counter() - start}
 
 
 # --------------------------------------------------------------------------- report
-def markdown(results: list[dict], dense_ne: list[float], granularity: str) -> str:
-    """NE table: mean over seeds (min-max in brackets), then mean per-layer densities."""
-    rows = [r for r in results if r["granularity"] == granularity]
-    densities = sorted({r["density"] for r in rows}, reverse=True)
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
-    mean = lambda xs: sum(xs) / len(xs)
-    lines = [f"Granularity {granularity}: held-out NE, mean over {len(dense_ne)} seed(s) "
-             f"[min, max]; dense reference {mean(dense_ne):.4f} "
-             f"[{min(dense_ne):.4f}, {max(dense_ne):.4f}]. Below the NE: densities fc0/fc1/fc2.",
+def summarize(runs: list[dict], dense: dict[str, list[float]]) -> list[dict]:
+    """One row per (model, granularity, density, method): mean NE, CI, layers, paired diff."""
+    rows = []
+    keys = sorted({(r["model"], r["granularity"], r["density"]) for r in runs},
+                  key=lambda k: (k[0], k[1], -k[2]))
+    for model, gran, density in keys:
+        cell = [r for r in runs if (r["model"], r["granularity"], r["density"])
+                == (model, gran, density)]
+        methods = [m for m in METHODS if any(r["method"] == m for r in cell)]
+        by = {m: {r["seed"]: r for r in cell if r["method"] == m} for m in methods}
+        means = {m: statistics.fmean(r["ne"] for r in by[m].values()) for m in methods}
+        others = [m for m in methods if m != "learned"]
+        best_other = min(others, key=means.get) if others else None
+        for m in methods:
+            ne = [by[m][s]["ne"] for s in sorted(by[m])]
+            mean, ci = mean_ci(ne)
+            layers = sorted(next(iter(by[m].values()))["layers"])
+            runs_m = list(by[m].values())
+            row = {"model": model, "granularity": gran, "density": density, "method": m,
+                   "seeds": len(ne), "ne_mean": mean, "ne_ci95": ci,
+                   "dense_ne_mean": statistics.fmean(dense[model]),
+                   "rank": 1 + sorted(means.values()).index(means[m]),
+                   "prune_s_mean": statistics.fmean(r["prune_s"] for r in by[m].values()),
+                   "layers": "/".join(f"{statistics.fmean(r['layers'][f] for r in runs_m):.3f}"
+                                      for f in layers)}
+            if m == "learned" and best_other is not None:
+                seeds = sorted(set(by["learned"]) & set(by[best_other]))
+                diff = [by["learned"][s]["ne"] - by[best_other][s]["ne"] for s in seeds]
+                d_mean, d_ci = mean_ci(diff)
+                row.update({"best_other": best_other, "diff_mean": d_mean, "diff_ci95": d_ci,
+                            "significant": bool(d_mean + d_ci < 0 or d_mean - d_ci > 0)})
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], model: str, granularity: str) -> str:
+    cells = [r for r in rows if r["model"] == model and r["granularity"] == granularity]
+    if not cells:
+        return ""
+    densities = sorted({r["density"] for r in cells}, reverse=True)
+    methods = [m for m in METHODS if any(r["method"] == m for r in cells)]
+    seeds = max(r["seeds"] for r in cells)
+    lines = [f"{model}, {granularity}: held-out NE, mean ± 95% CI over {seeds} seeds (dense "
+             f"reference {cells[0]['dense_ne_mean']:.4f}); below: mean per-layer densities",
              "", "| method | " + " | ".join(f"d={d:g}" for d in densities) + " |",
              "|---" * (len(densities) + 1) + "|"]
-    for m in methods:
-        cells = []
+    for m in methods + ["Δ learned"]:
+        out = []
         for d in densities:
-            runs = [r for r in rows if r["method"] == m and r["density"] == d]
-            if not runs:
-                cells.append("")
+            if m == "Δ learned":
+                r = next((r for r in cells if r["density"] == d and r["method"] == "learned"
+                          and "diff_mean" in r), None)
+                out.append("" if r is None else
+                           f"{r['diff_mean']:+.4f} ± {r['diff_ci95']:.4f} vs {r['best_other']}"
+                           + (" *" if r["significant"] else ""))
                 continue
-            ne = [r["ne"] for r in runs]
-            layers = "/".join(f"{mean([r['layers'][f] for r in runs]):.2f}" for f in HIDDEN)
-            cells.append(f"{mean(ne):.4f} [{min(ne):.4f}, {max(ne):.4f}]<br>{layers}")
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            r = next((r for r in cells if r["density"] == d and r["method"] == m), None)
+            out.append("" if r is None else
+                       f"{'**' if r['rank'] == 1 else ''}{r['ne_mean']:.4f}"
+                       f"{'**' if r['rank'] == 1 else ''} ± {r['ne_ci95']:.4f}<br>{r['layers']}")
+        if any(out):
+            lines.append(f"| {m} | " + " | ".join(out) + " |")
     return "\n".join(lines)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small smoke run")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.25, 0.1, 0.05])
     p.add_argument("--granularities", nargs="+", default=["block", "element"],
                    choices=["block", "element"])
     p.add_argument("--scorer", default="magnitude", choices=["magnitude", "taylor"])
     p.add_argument("--min-layer-density", type=float, default=0.02)
-    p.add_argument("--test", type=int, default=50_000, help="held-out examples")
+    p.add_argument("--seeds", type=int, default=5, help="independent tasks and dense models")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--test", type=int, default=30_000, help="MLP: held-out examples")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--dense-steps", type=int, default=3000)
-    p.add_argument("--transition-steps", type=int, default=200)
-    p.add_argument("--finetune-steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0, help="seed of the task and dense model")
-    p.add_argument("--seeds", type=int, default=2, help="runs per cell (batch orders)")
+    p.add_argument("--mlp-dense-steps", type=int, default=2500)
+    p.add_argument("--dlrm-dense-periods", type=int, default=3)
+    p.add_argument("--dlrm-period-samples", type=int, default=65536)
+    p.add_argument("--transition-steps", type=int, default=None,
+                   help="phase 1 steps (default: mlp 80, dlrm 50)")
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="phase 2 steps (default: mlp 80, dlrm 50)")
+    p.add_argument("--update-every", type=int, default=4,
+                   help="steps between mask updates of gmp and learned (both)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam lr of the dense training")
+    p.add_argument("--after-lr", type=float, default=3e-4,
+                   help="Adam lr of everything after the dense model (transitions, fine-tune, "
+                        "dense reference): lower, so no fresh optimizer undoes the dense training")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the shapes are small and the machine is shared)")
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--out", default=str(RESULTS / "pruning"),
+                   help="CSV prefix (PREFIX_runs.csv, PREFIX_summary.csv); '' for none")
     args = p.parse_args(argv)
     if args.quick:
-        args.densities, args.test, args.seeds = [0.25, 0.05], 10_000, 1
-        args.dense_steps, args.transition_steps, args.finetune_steps = 300, 30, 30
+        args.densities, args.test, args.seeds = [0.25, 0.05], 5000, 2
+        args.mlp_dense_steps = 200
+        args.transition_steps = args.transition_steps or 30
+        args.finetune_steps = args.finetune_steps or 20
+        args.dlrm_dense_periods, args.dlrm_period_samples = 1, 8192
+        if args.out == str(RESULTS / "pruning"):
+            args.out = ""
+    args.transition, args.finetune = args.transition_steps, args.finetune_steps
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    task = make_task(args.test, seed=args.seed)
-    dense = ClickMLP(task.features)
-    start = time.perf_counter()
-    train(dense, batches(task, args.batch_size, args.seed + 1000), args.dense_steps, args.lr)
-    print(f"dense NE {evaluate(dense, task):.4f} after {args.dense_steps} steps "
-          f"({time.perf_counter() - start:.1f} s); click rate {float(task.y_test.mean()):.3f}",
-          flush=True)
-    seeds = [args.seed + 17 + 101 * i for i in range(args.seeds)]
-    dense_ne = [dense_reference(dense, task, args, s) for s in seeds]
-    print("dense reference NE " + " ".join(f"{ne:.4f}" for ne in dense_ne), flush=True)
-    results = []
-    for granularity in args.granularities:
-        for density in args.densities:
-            for method in args.methods:
-                for seed in seeds:
-                    r = prune_and_finetune(dense, task, method, density, granularity, args, seed)
-                    r["seed"] = seed
-                    results.append(r)
-                    print(f"{granularity:7s} d={density:<5g} {method:8s} seed {seed} "
-                          f"NE {r['ne']:.4f} achieved {r['achieved']:.4f} layers "
-                          + " ".join(f"{r['layers'][f]:.3f}" for f in HIDDEN)
-                          + f"  ({r['total_s']:.1f} s)", flush=True)
-    for granularity in args.granularities:
-        print()
-        print(markdown(results, dense_ne, granularity))
-    out = {"dense_ne": dense_ne, "results": results, "args": vars(args)}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-    return out
+    started = time.perf_counter()
+    print(f"bench_pruning: {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} thread(s); "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    runs: list[dict] = []
+    dense: dict[str, list[float]] = {}
+    for model in args.models:
+        for i in range(args.seeds):
+            seed = args.seed + i
+            setup = SETUPS[model](seed, args)
+            steps = STEPS[model]
+            args.transition_steps = args.transition or steps[0]
+            args.finetune_steps = args.finetune or steps[1]
+            ref = dense_reference(setup, args)
+            dense.setdefault(model, []).append(ref)
+            print(f"{model} seed {seed}: dense trained in {setup.dense_s:.0f} s, NE "
+                  f"{setup.evaluate(setup.dense):.4f}, reference (after the same "
+                  f"{args.transition_steps + args.finetune_steps} steps) {ref:.4f}", flush=True)
+            runs.append({"model": model, "seed": seed, "granularity": "-", "density": 1.0,
+                         "method": "dense", "ne": ref, "achieved": 1.0, "prune_s": 0.0,
+                         "total_s": 0.0, "layers": {f: 1.0 for f in setup.layers}})
+            for gran in args.granularities:
+                for density in args.densities:
+                    for method in args.methods:
+                        r = prune_and_finetune(setup, method, density, gran, args)
+                        r.update({"model": model, "seed": seed, "granularity": gran,
+                                  "density": density, "method": method})
+                        runs.append(r)
+                        print(f"  {gran:7s} d={density:<5g} {method:8s} NE {r['ne']:.4f} "
+                              f"(dense {ref:.4f}) layers "
+                              + " ".join(f"{r['layers'][f]:.3f}" for f in setup.layers)
+                              + f"  prune {r['prune_s']:.1f} s, total {r['total_s']:.1f} s",
+                              flush=True)
+    pruned = [r for r in runs if r["method"] != "dense"]
+    rows = summarize(pruned, dense)
+    for model in args.models:
+        for gran in args.granularities:
+            print()
+            print(markdown(rows, model, gran))
+    for model in args.models:
+        gmp = [r["prune_s"] for r in pruned if r["model"] == model and r["method"] == "gmp"]
+        lrn = [r["prune_s"] for r in pruned if r["model"] == model and r["method"] == "learned"]
+        if gmp and lrn:
+            print(f"\n{model}: transition wall time learned/gmp = "
+                  f"{statistics.fmean(lrn) / statistics.fmean(gmp):.2f} "
+                  f"({statistics.fmean(lrn):.2f} s vs {statistics.fmean(gmp):.2f} s, "
+                  f"{args.transition_steps} steps)")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s", flush=True)
+    if args.out:
+        flat = []
+        for r in runs:
+            row = {k: v for k, v in r.items() if k != "layers"}
+            row.update({f"density/{k}": v for k, v in r["layers"].items()})
+            flat.append(row)
+        write_csv(Path(args.out + "_runs.csv"), flat)
+        write_csv(Path(args.out + "_summary.csv"), rows)
+    return {"runs": runs, "summary": rows, "dense_ne": dense, "args": vars(args)}
 
 
 if __name__ == "__main__":

@@ -1,137 +1,267 @@
-"""The learned method: it finds a planted redundant layer, its thresholds get gradients, and it
-warm-starts from the previous transition."""
+"""The learned method finds planted structure, meets the budget exactly, and stays cheap.
+
+Planted-structure models (each trained briefly, cached per model and loss):
+
+* ``dead``: two parallel hidden layers of the same shape; ``dead``'s output is scaled by 1e-3
+  downstream, so the loss barely depends on it.
+* ``twins``: a layer ``live`` beside two identical branches ``twin_a``/``twin_b`` (same init, so
+  the same updates) whose outputs are averaged: each twin carries half of one layer's work.
+* ``widths``: layers of very different widths (13x512, 512x512 twice, 512x64), one of the
+  512x512 pair ``dead`` as above.
+
+In every case ``learned`` must give the redundant layer(s) at most half the density of the live
+layer of the same shape, with the budget met to within one group. The cases cover regression
+(MSE) and classification (BCE) losses, 8x8, 16x16 and rectangular blocks and elements, 40- and
+400-step transitions and both scorers, as a covering set rather than the full product (to stay
+fast).
+"""
 
 from __future__ import annotations
+
+import copy
+import functools
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adsparse.ops import masked_linear
-from adsparse.pruning import LearnedThresholds, Pruner
-from adsparse.pruning.learned import normalize_scores
-from adsparse.pruning.scorers import magnitude_scores
-from adsparse.pruning.targets import find_targets
+from adsparse.nn import expand_block_mask
+from adsparse.pruning import LearnedConfig, Pruner, allocate_removal
+from adsparse.pruning.allocation import lower_hull
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+class Branches(nn.Module):
+    """``inp -> {live, other...} -> out -> head``; how the branches combine is the plant."""
 
-class Planted(nn.Module):
-    """Two parallel hidden layers of the same shape; ``dead``'s output is scaled by ~0."""
-
-    def __init__(self) -> None:
+    def __init__(self, kind: str, width: int, inp: int = 13, out: int | None = None) -> None:
         super().__init__()
-        self.inp = nn.Linear(13, 40)
-        self.live = nn.Linear(40, 40)
-        self.dead = nn.Linear(40, 40)
-        self.out = nn.Linear(40, 1)
+        self.kind = kind
+        self.inp = nn.Linear(inp, width)
+        self.live = nn.Linear(width, width)
+        if kind == "twins":
+            self.twin_a = nn.Linear(width, width)
+            self.twin_b = copy.deepcopy(self.twin_a)  # identical branches
+        else:
+            self.dead = nn.Linear(width, width)
+        self.out = nn.Linear(width, out) if out else None
+        self.head = nn.Linear(out or width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.inp(x))
-        return self.out(torch.relu(self.live(h)) + 1e-4 * torch.relu(self.dead(h))).squeeze(-1)
-
-
-def planted_task(steps: int = 150) -> tuple[Planted, list]:
-    """A small trained regression model: a random teacher, so every live layer matters."""
-    teacher = nn.Sequential(nn.Linear(13, 24), nn.Tanh(), nn.Linear(24, 1))
-    x = torch.randn(1024, 13)
-    with torch.no_grad():
-        y = 3 * teacher(x).squeeze(-1)
-    model = Planted()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for i in range(steps):
-        idx = torch.randint(0, 1024, (128,))
-        loss = F.mse_loss(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        del i
-    return model, [(x[i:i + 128], y[i:i + 128]) for i in range(0, 1024, 128)]
+        if self.kind == "twins":
+            z = torch.relu(self.live(h)) + 0.5 * (torch.relu(self.twin_a(h))
+                                                  + torch.relu(self.twin_b(h)))
+        else:
+            z = torch.relu(self.live(h)) + 1e-3 * torch.relu(self.dead(h))
+        if self.out is not None:
+            z = torch.relu(self.out(z))
+        return self.head(z).squeeze(-1)
 
 
 def mse(model: nn.Module, batch) -> torch.Tensor:
     return F.mse_loss(model(batch[0]), batch[1])
 
 
-def not_head(module: nn.Module, fqn: str) -> bool:
-    return fqn != "out"
+def bce(model: nn.Module, batch) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(model(batch[0]), batch[1])
 
 
-@pytest.mark.parametrize(("granularity", "scorer"),
-                         [("block", "magnitude"), ("block", "taylor"), ("element", "magnitude")])
-def test_learned_gives_the_planted_redundant_layer_a_lower_density(granularity, scorer) -> None:
-    model, data = planted_task()
-    pruner = Pruner(model, 0.3, "learned", granularity, (8, 8), min_layer_density=0.02,
-                    filter_fn=not_head, scorer=scorer)
-    pruner.prune(data, mse, steps=40)
+LOSSES = {"mse": mse, "bce": bce}
+
+
+@functools.cache
+def _trained(kind: str, loss: str) -> tuple[nn.Module, list]:
+    """A briefly trained model of ``kind`` on a random-teacher task (every live layer matters)."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(13, 32), nn.Tanh(), nn.Linear(32, 1))
+    x = torch.randn(2048, 13)
+    with torch.no_grad():
+        z = 3 * teacher(x).squeeze(-1)
+    y = torch.bernoulli(torch.sigmoid(z)) if loss == "bce" else z
+    if kind == "widths":
+        model = Branches("dead", 512, out=64)
+        steps, batch = 60, 64
+    else:
+        model = Branches(kind, 64)
+        steps, batch = 200, 128
+    data = [(x[i:i + batch], y[i:i + batch]) for i in range(0, 2048, batch)]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for i in range(steps):
+        value = LOSSES[loss](model, data[i % len(data)])
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    return model, data
+
+
+def trained(kind: str, loss: str) -> tuple[nn.Module, list]:
+    model, data = _trained(kind, loss)
+    return copy.deepcopy(model), data
+
+
+def fits(block):
+    """Prune the layers that hold one block, never the 1-wide head."""
+    def select(module: nn.Module, fqn: str) -> bool:
+        if fqn == "head":
+            return False
+        return block is None or (module.out_features >= block[0]
+                                 and module.in_features >= block[1])
+    return select
+
+
+def assert_budget(model, pruner, masks, density, block) -> None:
+    kept, total = 0, 0
+    for fqn, m in masks.items():
+        w = model.get_submodule(fqn).weight
+        full = m if block is None else expand_block_mask(m, block, tuple(w.shape))
+        kept += int(full.sum())
+        total += w.numel()
+        assert int(full.sum()) >= pruner.min_layer_density * w.numel() - 1e-6
+    group = 1 if block is None else block[0] * block[1]
+    assert abs(kept - density * total) <= group, (kept, density * total)
+
+
+CASES = [  # kind, loss, granularity/block, steps, scorer
+    ("dead", "mse", (8, 8), 40, "magnitude"),
+    ("dead", "bce", (16, 16), 400, "taylor"),
+    ("dead", "bce", None, 40, "taylor"),
+    ("dead", "mse", (16, 8), 400, "magnitude"),
+    ("twins", "bce", (8, 8), 40, "taylor"),
+    ("twins", "bce", None, 400, "magnitude"),
+    ("twins", "mse", None, 400, "magnitude"),  # the closest case: 0.49x (docs/pruning.md)
+    ("twins", "bce", (16, 16), 40, "magnitude"),
+    ("twins", "mse", (8, 16), 40, "taylor"),
+    ("widths", "bce", (16, 16), 40, "magnitude"),
+    ("widths", "mse", None, 40, "taylor"),
+    ("widths", "bce", (16, 8), 40, "taylor"),
+    ("widths", "mse", (8, 8), 400, "magnitude"),
+]
+
+
+@pytest.mark.parametrize(("kind", "loss", "block", "steps", "scorer"), CASES)
+def test_learned_gives_planted_redundant_layers_at_most_half_the_live_density(
+        kind, loss, block, steps, scorer) -> None:
+    model, data = trained(kind, loss)
+    granularity = "element" if block is None else "block"
+    density = 0.3
+    pruner = Pruner(model, density, "learned", granularity, block or (8, 8),
+                    min_layer_density=0.02, filter_fn=fits(block), scorer=scorer)
+    masks = pruner.prune(data, LOSSES[loss], steps=steps)
     d = pruner.layer_densities()
-    assert d["dead"] < 0.5 * min(d["inp"], d["live"]), d
-    # Uniform (the hand-set baseline) gives every layer the same share.
-    uniform = Pruner(model, 0.3, "uniform", granularity, (8, 8), filter_fn=not_head)
+    # Of two identical branches, one is redundant given the other: the sparser of the two.
+    redundant = min(d["twin_a"], d["twin_b"]) if kind == "twins" else d["dead"]
+    assert redundant <= 0.5 * d["live"], d
+    assert_budget(model, pruner, masks, density, block)
+    assert pruner.global_density() == pytest.approx(density, abs=(block or (1, 1))[0]
+                                                    * (block or (1, 1))[1]
+                                                    / sum(model.get_submodule(f).weight.numel()
+                                                          for f in masks))
+
+
+def test_uniform_baseline_does_not_see_the_plant() -> None:
+    model, _ = trained("dead", "mse")
+    uniform = Pruner(model, 0.3, "uniform", "block", (8, 8), filter_fn=fits((8, 8)))
     uniform.prune()
     assert uniform.layer_densities()["dead"] == pytest.approx(0.3, abs=0.05)
 
 
-def test_thresholds_receive_gradients_through_masked_linear() -> None:
-    model, data = planted_task(steps=20)
-    targets = find_targets(model, "block", (8, 8), not_head)
-    scores = [normalize_scores(magnitude_scores(t.weight, t.block_size, t.sizes))
-              for t in targets]
-    thresholds = LearnedThresholds()
-    thresholds.prepare(targets, scores, 0.3, tau=0.3)
-    masks = thresholds.soft_masks(targets, scores, tau=0.3)
-    # Density falls when any threshold rises.
-    density = thresholds.density(targets, masks)
-    grads = torch.autograd.grad(density, [thresholds.log_t[t.fqn] for t in targets],
-                                retain_graph=True)
-    assert all(float(g) < 0 for g in grads)
-    # The task loss reaches every threshold through the masked kernel's mask gradient.
-    x, y = data[0]
-    by_name = {t.fqn: m for t, m in zip(targets, masks)}
-    h = torch.relu(masked_linear(x, model.inp.weight, by_name["inp"], model.inp.bias,
-                                 block_size=(8, 8)))
-    live = torch.relu(masked_linear(h, model.live.weight, by_name["live"], model.live.bias,
-                                    block_size=(8, 8)))
-    dead = torch.relu(masked_linear(h, model.dead.weight, by_name["dead"], model.dead.bias,
-                                    block_size=(8, 8)))
-    loss = F.mse_loss(model.out(live + 1e-4 * dead).squeeze(-1), y)
-    grads = dict(zip(by_name, torch.autograd.grad(loss, [thresholds.log_t[f] for f in by_name])))
-    assert all(torch.isfinite(g) and float(g) != 0 for g in grads.values())
-    # The live layer's loss is far more sensitive to its threshold than the planted one's.
-    assert abs(float(grads["live"])) > 100 * abs(float(grads["dead"]))
+@pytest.mark.parametrize("density", [0.05, 0.5])
+def test_budget_exact_and_floors_with_many_rounds(density) -> None:
+    model, data = trained("dead", "bce")
+    pruner = Pruner(model, density, "learned", "block", (16, 8), min_layer_density=0.03,
+                    filter_fn=fits((16, 8)), learned=LearnedConfig(rounds=6, round_steps=5))
+    masks = pruner.prune(data, bce, steps=30)
+    assert_budget(model, pruner, masks, density, (16, 8))
+    assert min(pruner.layer_densities().values()) >= 0.03 - 1e-9
 
 
-def test_warm_start_continues_from_the_previous_thresholds() -> None:
-    model, data = planted_task(steps=50)
-    pruner = Pruner(model, 0.3, "learned", "block", (8, 8), filter_fn=not_head)
-    first = pruner.prune(data, mse, steps=30)
-    learned = pruner.thresholds.thresholds()
-    # No steps: the second call only projects the thresholds it starts from; from the previous
-    # ones it reproduces the previous masks exactly.
-    again = pruner.prune(data, mse, steps=0)
-    assert pruner.thresholds.thresholds() == pytest.approx(learned)
-    assert all(torch.equal(first[f], again[f]) for f in first)
-    # A fresh pruner starts at the uniform cut instead, so it does not find the planted layer.
-    fresh = Pruner(model, 0.3, "learned", "block", (8, 8), filter_fn=not_head)
-    fresh.prune(data, mse, steps=0)
-    assert fresh.layer_densities()["dead"] > pruner.layer_densities()["dead"] + 0.1
-    # A few more steps from the warm start keep the planted layer low.
-    pruner.prune(data, mse, steps=5)
-    assert pruner.layer_densities()["dead"] < 0.1
+def test_warm_start_reapplies_the_learned_allocation() -> None:
+    model, data = trained("dead", "mse")
+    pruner = Pruner(model, 0.3, "learned", "block", (8, 8), filter_fn=fits((8, 8)))
+    pruner.prune(data, mse, steps=40)
+    learned = pruner.layer_densities()
+    assert learned["dead"] <= 0.5 * learned["live"]
+    state = pruner.state_dict()
+    assert state["state"]["learned"]["densities"] == pytest.approx(learned)
+    # A new pruner for a copy of the model, warm started: with no steps it needs no data and
+    # keeps the learned allocation (per layer, to within one block).
+    other = Pruner(copy.deepcopy(model), 0.3, "learned", "block", (8, 8), filter_fn=fits((8, 8)))
+    other.load_state_dict(state)
+    other.prune(steps=0)
+    for fqn, d in learned.items():
+        assert other.layer_densities()[fqn] == pytest.approx(d, abs=64 / 64 / 13 + 1e-9)
+    # At another budget the allocation is rescaled, the plant still found.
+    tighter = Pruner(copy.deepcopy(model), 0.15, "learned", "block", (8, 8),
+                     filter_fn=fits((8, 8)))
+    tighter.load_state_dict(state)
+    tighter.prune(steps=0)
+    d = tighter.layer_densities()
+    assert d["dead"] <= 0.5 * d["live"]
+    assert tighter.global_density() == pytest.approx(0.15, abs=64 / (64 * 13 + 2 * 64 * 64))
 
 
-def test_cap_keeps_every_layer_at_the_soft_boundary() -> None:
-    model, _ = planted_task(steps=0)
-    targets = find_targets(model, "element", (8, 8), not_head)
-    scores = [normalize_scores(magnitude_scores(t.weight, None)) for t in targets]
-    thresholds = LearnedThresholds()
-    thresholds.prepare(targets, scores, 0.3, tau=0.2)
-    for t in targets:  # far above every score: all sigmoids saturated at 0
-        thresholds.log_t[t.fqn] = torch.tensor(50.0, requires_grad=True)
-    floors = [0.1 * t.num_weights for t in targets]
-    thresholds.cap(targets, scores, floors)
-    for m, floor in zip(thresholds.soft_masks(targets, scores, tau=0.01), floors):
-        assert int((m >= 0.5).sum()) >= floor  # the floor's groups are at or above threshold
-        assert int((m >= 0.5).sum()) <= floor + 1
+def test_observe_feeds_the_taylor_statistics_and_skips_calibration() -> None:
+    model, data = trained("dead", "mse")
+    pruner = Pruner(model, 0.3, "uniform", "block", (8, 8), filter_fn=fits((8, 8)),
+                    scorer="taylor", calibration_steps=50)
+    for batch in data[:4]:
+        model.zero_grad()
+        mse(model, batch).backward()
+        pruner.observe()
+    calls = []
+
+    def counting(m, batch):
+        calls.append(1)
+        return mse(m, batch)
+
+    pruner.prune(data, counting, steps=0)
+    assert calls == []  # observed statistics: no calibration batches
+    d = pruner.layer_densities()
+    assert d["dead"] == pytest.approx(0.3, abs=0.05)  # uniform, but ranked by Taylor scores
+
+
+def test_transition_cost_is_bounded_relative_to_gmp() -> None:
+    """The profiles' forward passes stay within ``profile_budget`` per training step, and the
+    measured wall time of a learned transition is at most twice that of gmp."""
+    model, data = trained("widths", "bce")
+    calls = {"grad": 0, "nograd": 0}
+
+    def counting(m, batch):
+        calls["grad" if torch.is_grad_enabled() else "nograd"] += 1
+        return bce(m, batch)
+
+    times = {}
+    for method in ("gmp", "learned", "gmp", "learned"):
+        m = copy.deepcopy(model)
+        pruner = Pruner(m, 0.1, method, "block", (16, 16), filter_fn=fits((16, 16)))
+        calls.update(grad=0, nograd=0)
+        start = time.perf_counter()
+        pruner.prune(data, counting, steps=40)
+        times[method] = min(times.get(method, float("inf")), time.perf_counter() - start)
+        if method == "learned":
+            profile = calls["nograd"] + 3 * (calls["grad"] - 40)  # a backward: ~2 forwards
+            assert profile <= LearnedConfig().profile_budget * 40
+    assert times["learned"] <= 2 * times["gmp"], times
+
+
+# --------------------------------------------------------------------------- the allocation
+def test_lower_hull_by_hand() -> None:
+    pts = [(0, 0), (1, 1), (2, 1.5), (3, 5), (4, 5.5)]
+    assert lower_hull(pts) == [(0, 0), (2, 1.5), (4, 5.5)]
+    assert lower_hull([(0, 0), (1, -1), (2, 3)]) == [(0, 0), (1, -1), (2, 3)]
+
+
+def test_allocate_removal_equal_marginal_cost_by_hand() -> None:
+    # Layer 0 costs 0.1 per weight for its first 10, then 0.4; layer 1 0.15 (hull of 0.2/0.1).
+    curves = [[(0, 0), (10, 1), (20, 5)], [(0, 0), (10, 2), (20, 3)]]
+    assert allocate_removal(curves, 25) == pytest.approx([10, 15])
+    assert allocate_removal(curves, 5) == pytest.approx([5, 0])
+    assert sum(allocate_removal(curves, 40)) == pytest.approx(40)
+    # Free layers are cut first; equal costs are shared in proportion to what each can lose.
+    assert allocate_removal([[(0, 0), (10, 0)], [(0, 0), (30, 0)]], 20) == pytest.approx([5, 15])
+    with pytest.raises(ValueError, match="cannot remove"):
+        allocate_removal(curves, 41)

@@ -1,30 +1,40 @@
-"""Pruning that learns each layer's sparsity (DESIGN §5).
+"""Pruning that learns each layer's sparsity (the algorithm and its knobs: docs/pruning.md).
 
-* :class:`Pruner`: the entry point (methods ``uniform``, ``global``, ``lamp``, ``gmp``,
-  ``learned``; scorers ``magnitude``, ``taylor``; block or element granularity).
-* ``scorers``: group importance. ``allocation``: budget-exact selection across layers and LAMP.
-  ``learned``: the learned-threshold transition. ``gmp``: gradual magnitude pruning.
-  ``schedules``: cubic density and temperature schedules. ``targets``: layer discovery and the
-  proxy-swapping training session.
+* :class:`Pruner`: the entry point (methods in the registry :data:`METHODS`: ``uniform``,
+  ``global``, ``lamp``, ``gmp``, ``learned``; scorers ``magnitude``, ``taylor``; block or
+  element granularity).
+* ``registry``: name -> runner, one signature. ``learned``: sensitivity profiles and the
+  knapsack allocation, gradual. ``gmp``: gradual magnitude pruning. ``oneshot``: uniform,
+  global, LAMP. ``allocation``: budget-exact selection across layers, LAMP scores, the greedy
+  knapsack. ``scorers``: group importance within a layer. ``schedules``: the cubic density
+  schedule. ``targets``: layer discovery, the runners' context and the proxy-swapping session.
 """
 
-from adsparse.pruning.allocation import lamp_scores, select_global, select_uniform
-from adsparse.pruning.learned import LearnedConfig, LearnedThresholds
-from adsparse.pruning.pruner import METHODS, Pruner
-from adsparse.pruning.schedules import cubic_density, geometric_anneal
+from adsparse.pruning.allocation import (
+    allocate_removal,
+    lamp_scores,
+    select_allocation,
+    select_global,
+    select_uniform,
+)
+from adsparse.pruning.learned import LearnedConfig
+from adsparse.pruning.pruner import Pruner
+from adsparse.pruning.registry import METHODS, Method
+from adsparse.pruning.schedules import cubic_density
 from adsparse.pruning.scorers import SCORERS, TaylorScorer, magnitude_scores
 
 __all__ = [
     "METHODS",
     "SCORERS",
     "LearnedConfig",
-    "LearnedThresholds",
+    "Method",
     "Pruner",
     "TaylorScorer",
+    "allocate_removal",
     "cubic_density",
-    "geometric_anneal",
     "lamp_scores",
     "magnitude_scores",
+    "select_allocation",
     "select_global",
     "select_uniform",
 ]

@@ -1,4 +1,4 @@
-"""Choosing which groups to keep across layers under one weight budget (DESIGN §5).
+"""Choosing which groups to keep across layers under one weight budget (docs/pruning.md).
 
 Every function here takes, per layer, a ranking key per group (larger = keep first) and the
 number of real weights per group, and returns boolean keep-masks. The budget counts weights, not
@@ -12,9 +12,12 @@ whole groups). A result that misses the budget by more than one group raises ins
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
-__all__ = ["lamp_scores", "select_global", "select_uniform"]
+__all__ = ["allocate_removal", "lamp_scores", "lower_hull", "select_allocation", "select_global",
+           "select_uniform"]
 
 
 def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -121,23 +124,130 @@ def select_global(keys: list[torch.Tensor], sizes: list[torch.Tensor], budget: f
 def select_uniform(keys: list[torch.Tensor], sizes: list[torch.Tensor], density: float,
                    min_weights: list[float], eligible: list[torch.Tensor] | None = None
                    ) -> list[torch.Tensor]:
-    """The same ``density`` in every layer, each layer keeping its best groups by ``keys``.
+    """The same ``density`` in every layer, each layer keeping its best groups by ``keys``."""
+    return select_allocation(keys, sizes, [density * float(s.sum()) for s in sizes], min_weights,
+                             eligible)
+
+
+def select_allocation(keys: list[torch.Tensor], sizes: list[torch.Tensor], want: list[float],
+                      min_weights: list[float], eligible: list[torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
+    """Layer ``l`` keeps its best groups by ``keys`` up to about ``want[l]`` real weights.
 
     A layer can only keep whole groups, so the rounding error of each layer is carried into the
-    next one's target: the global total then stays within half a group of the budget, where
-    rounding every layer independently could drift by one group per layer.
+    next one's target: the global total then stays within half a group of ``sum(want)``, where
+    rounding every layer independently could drift by one group per layer. Each layer keeps at
+    least ``min_weights[l]``.
     """
     elig = eligible or [None] * len(keys)
-    orders, counts, carry, kept, budget = [], [], 0.0, 0.0, 0.0
-    for key, size, e, floor in zip(keys, sizes, elig, min_weights):
+    orders, csums, counts, carry, kept = [], [], [], 0.0, 0.0
+    for key, size, e, floor, w in zip(keys, sizes, elig, min_weights, want):
         order, csum = _ranked(key, size, e)
-        want = density * float(size.sum()) + carry
-        count = max(_closest(csum, want), _at_least(csum, floor))
-        carry = want - float(csum[count])
+        target = w + carry
+        count = max(_closest(csum, target), _at_least(csum, floor))
+        carry = target - float(csum[count])
         kept += float(csum[count])
-        budget += density * float(size.sum())
         orders.append(order)
+        csums.append(csum)
         counts.append(count)
+    # The carry only flows forward: when the last layers are full (or at their floor), put
+    # what is left on any layer that can still take (give) its next (last) group.
+    floors = [_at_least(c, f) for c, f in zip(csums, min_weights)]
+    changed = True
+    while changed:
+        changed = False
+        gap = sum(want) - kept
+        for i, csum in enumerate(csums):
+            n = counts[i]
+            if gap > 0 and n < csum.numel() - 1:
+                step = float(csum[n + 1] - csum[n])
+                if abs(gap - step) < abs(gap):
+                    counts[i], kept, gap, changed = n + 1, kept + step, gap - step, True
+            elif gap < 0 and n > floors[i]:
+                step = float(csum[n] - csum[n - 1])
+                if abs(gap + step) < abs(gap):
+                    counts[i], kept, gap, changed = n - 1, kept - step, gap + step, True
     if eligible is None:
-        _check_budget(kept, budget, sizes)
+        _check_budget(kept, sum(want), sizes)
     return _to_masks(orders, counts, keys)
+
+
+def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower convex hull of ``(x, y)`` points sorted by increasing ``x`` (first point kept).
+
+    Used on cost curves ``(removed weights, loss increase)``: along the hull the cost per removed
+    weight never decreases, so removing weights in hull order is optimal for a piecewise-linear
+    cost that interpolates the measured points.
+    """
+    pts = sorted(points)
+    hull: list[tuple[float, float]] = []
+    for x, y in pts:
+        if hull and x == hull[-1][0]:
+            if y >= hull[-1][1]:
+                continue
+            hull.pop()
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            # drop the middle point when it lies on or above the chord from hull[-2] to (x, y)
+            if (y1 - y0) * (x - x0) >= (y - y0) * (x1 - x0):
+                hull.pop()
+            else:
+                break
+        hull.append((x, y))
+    return hull
+
+
+def allocate_removal(curves: list[list[tuple[float, float]]], removal: float,
+                     share_ties: bool = True, at_least: list[float] | None = None
+                     ) -> list[float]:
+    """Split ``removal`` weights over layers at the least total cost (a greedy knapsack).
+
+    ``curves[l]`` holds measured points ``(removed weights, cost)`` of layer ``l``, including
+    ``(0, 0)``; the largest ``removed`` is all the layer may lose. Costs are interpolated
+    linearly between points and replaced by their lower convex hull, whose segments are then
+    taken cheapest cost per weight first over all layers: at the optimum every layer that
+    loses weights does so at the same marginal cost per weight (the equal-slope condition of the
+    Lagrangian), which this greedy meets exactly on the convexified curves. Segments of equal
+    slope share the last part of the removal in proportion to their lengths, so layers with
+    the same cost are cut alike (``share_ties``; otherwise the first layer's first).
+    ``at_least[l]`` weights are removed from layer ``l`` whatever they cost (a cap on what it
+    keeps). Returns the weights removed from each layer; they sum to ``removal``.
+    """
+    forced = list(at_least) if at_least is not None else [0.0] * len(curves)
+    segments = []  # (slope, layer, length)
+    total = 0.0
+    for layer, points in enumerate(curves):
+        hull = lower_hull(points)
+        if hull[0][0] != 0.0:
+            raise ValueError("every cost curve must start at 0 removed weights")
+        forced[layer] = min(forced[layer], hull[-1][0])
+        for (x0, y0), (x1, y1) in itertools.pairwise(hull):
+            if x1 <= forced[layer]:
+                continue
+            if x0 < forced[layer]:  # the part beyond the forced removal, same slope
+                y0 += (y1 - y0) * (forced[layer] - x0) / (x1 - x0)
+                x0 = forced[layer]
+            segments.append(((y1 - y0) / (x1 - x0), layer, x1 - x0))
+            total += x1 - x0
+    removal -= sum(forced)
+    if removal < -1e-9 * max(1.0, sum(forced)):
+        raise ValueError(f"the forced removals ({sum(forced):.1f}) exceed the removal")
+    if removal > total * (1 + 1e-9) + 1e-9:
+        raise ValueError(f"cannot remove {removal:.1f} weights, the curves allow {total:.1f}")
+    segments.sort(key=lambda seg: seg[0])  # stable: a layer's segments stay in hull order
+    out = list(forced)
+    left = removal
+    i = 0
+    while left > 0 and i < len(segments):
+        j = i
+        while j < len(segments) and segments[j][0] == segments[i][0]:
+            j += 1
+        if not share_ties:
+            j = i + 1
+        level = sum(seg[2] for seg in segments[i:j])
+        share = min(1.0, left / level)
+        for _, layer, length in segments[i:j]:
+            out[layer] += share * length
+        left -= share * level
+        i = j
+    return out

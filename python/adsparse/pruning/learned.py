@@ -1,229 +1,353 @@
-"""Learned layer-wise sparsity (DESIGN §5, the ``learned`` method).
+"""Learned layer-wise sparsity, the ``learned`` method (the algorithm: docs/pruning.md).
 
-Each layer ``l`` has a learnable threshold ``t_l`` (stored as ``log t_l``, so it stays positive
-and Adam moves it by relative amounts whatever the layer's scale). Group scores are divided by
-their layer's mean, so thresholds are unitless and one temperature suits every layer. During a
-transition the forward pass runs every target layer through ``masked_linear`` with the soft mask
+The per-layer densities are chosen to minimize the measured loss, in the units of the loss in
+every layer, under the one global weight budget:
 
-    m_g = sigmoid(margin_g / tau),   margin_g = (s_g - t_l) / t_l,
+    minimize  sum_l C_l(x_l)   subject to   sum_l x_l = budget,   x_l >= min_weights[l],
 
-the loss is ``task + lambda * (D(t) - D*) + rho/2 * (D(t) - D*)^2`` with ``D(t)`` the
-weight-weighted global density of the soft masks, ``lambda >= 0`` follows dual ascent (the
-quadratic term damps its oscillation, see :class:`LearnedConfig`) and ``tau`` is annealed
-geometrically. The
-temperature acts on the relative margin (rather than on ``s_g - t_l``) so that the soft mask
-sharpens in the same order as the final ranking, which is by margin over all layers: the hard
-masks are the best-margin groups up to the budget, projected exactly (see ``allocation``). At the
-optimum the marginal loss per kept weight is equal across layers, so the per-layer densities
-come from the data, not from a hand-set table.
+where ``x_l`` is the number of weights layer ``l`` keeps and ``C_l(x)`` is the increase of the
+task loss when only layer ``l`` is cut to its best ``x`` weights (by the pruner's scorer). The
+transition is gradual, as in ``gmp``: the global density follows the cubic schedule over
+``steps`` training steps, in ``rounds`` rounds. At the start of each round, each layer's
+*sensitivity profile* ``C_l`` is measured at a few densities around the round's expected cut,
+on batches the round has not trained on (forward passes through ``masked_linear``, no
+gradients), and the round's target allocation is the optimum of the problem above on the
+convex hulls of the profiles: a greedy knapsack that removes weights where the loss per removed
+weight is lowest (:func:`~adsparse.pruning.allocation.allocate_removal`). During the round each
+layer moves to its target along the cubic schedule, training through hard nested masks; the
+last round ends exactly at the budget. A layer the loss does not need (its output scaled away
+downstream, or duplicated) costs nothing to cut, so it is cut first, whatever its weights'
+magnitude; a layer whose every weight matters keeps its share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from adsparse.pruning.schedules import geometric_anneal
-from adsparse.pruning.scorers import TaylorScorer
-from adsparse.pruning.targets import Target, TransitionSession, check_loss
+from adsparse.pruning.allocation import (
+    allocate_removal,
+    lamp_scores,
+    select_allocation,
+    select_global,
+)
+from adsparse.pruning.gmp import train_step
+from adsparse.pruning.schedules import cubic_density
+from adsparse.pruning.targets import Context, check_loss
 
-__all__ = ["LearnedConfig", "LearnedThresholds", "normalize_scores", "run_learned"]
-
-_TINY = 1e-12
+__all__ = ["LearnedConfig", "run_learned"]
 
 
 @dataclass
 class LearnedConfig:
-    """Knobs of the learned transition (defaults tuned on the pruning benchmark's MLP).
+    """Knobs of the learned transition (defaults: docs/pruning.md, chosen on the benchmark).
 
     Attributes:
-        tau_start, tau_end: temperature of the soft mask at the first and last step, in units
-            of the relative margin ``(s - t)/t``.
-        threshold_lr: Adam learning rate of the log-thresholds.
-        dual_lr: step of the dual ascent on the budget multiplier ``lambda``.
-        penalty: weight ``rho`` of a quadratic term ``rho/2 * (D - D*)^2`` added to the
-            Lagrangian (the method of multipliers). Without it the multiplier overshoots, the
-            soft density swings to zero and, once the temperature is low, the saturated
-            sigmoids pass no gradient back (measured on the benchmark MLP and the tests).
-        train_weights: also train the target layers' weights and biases through the soft mask.
+        rounds: allocation rounds of a transition, at most (one profile measurement each).
+        round_steps: fewest training steps per round: a transition of ``steps`` steps has
+            ``min(rounds, steps // round_steps)`` rounds (at least one).
+        points: densities measured per layer in a profile (plus the layer's floor).
+        spread: the profile's densities lie between the expected cut ``g`` and the current
+            density ``c`` as ``c * (g / c) ** a`` with ``a`` from ``1 / spread`` to ``spread``.
+        profile_batches: batches every profile point is measured on (the same for all).
+        update_every: training steps between two mask updates within a round.
+        first_order: keep the first-order part ``-sum_cut dL/dM`` in the measured costs
+            (off: it is mostly label noise on a few batches, see :func:`_profiles`).
+        candidates: choose each round's allocation among the knapsack's and the standard ones
+            (same factor, global, LAMP, half-way) by the loss of cutting all layers at once.
+        profile_budget: forward passes the profiles may spend per training step of the
+            transition (a training step costs about three): fewer rounds when a short
+            transition cannot afford more. At least one round always runs.
+        min_share: every layer keeps at least this share of the target density (on top of
+            ``min_layer_density``): a hedge against the profiles' myopia, since a layer the
+            current model barely uses may be needed once training goes on.
     """
 
-    tau_start: float = 0.2
-    tau_end: float = 0.01
-    threshold_lr: float = 0.05
-    dual_lr: float = 1.0
-    penalty: float = 10.0
-    train_weights: bool = True
+    rounds: int = 4
+    round_steps: int = 25
+    points: int = 5
+    spread: float = 2.2
+    profile_batches: int = 2
+    update_every: int = 1
+    first_order: bool = False
+    candidates: bool = True
+    min_share: float = 0.25
+    profile_budget: float = 1.5
+
+    def validate(self) -> None:
+        for name in ("rounds", "round_steps", "points", "profile_batches", "update_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LearnedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.spread >= 1.0:
+            raise ValueError(f"LearnedConfig.spread must be >= 1, got {self.spread}")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ValueError(f"LearnedConfig.min_share must be in [0, 1], got {self.min_share}")
 
 
-def normalize_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Scores divided by their layer's mean: unitless, so thresholds compare across layers."""
-    s = scores.detach().float()
-    return s / s.mean().clamp_min(_TINY)
+def _kept(target_sizes: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((target_sizes.to(mask.device) * mask).sum())
 
 
-def _quantile_threshold(scores: torch.Tensor, sizes: torch.Tensor, density: float) -> float:
-    """A threshold above which groups hold about ``density`` of the layer's weights."""
-    s = scores.flatten().double().cpu()
-    order = torch.sort(s, descending=True).indices
-    csum = sizes.flatten().double().cpu()[order].cumsum(0)
-    k = int(torch.searchsorted(csum, torch.tensor([density * float(csum[-1])],
-                                                  dtype=torch.float64)))
-    hi = float(s[order[min(k, s.numel() - 1)]])
-    lo = float(s[order[min(k + 1, s.numel() - 1)]])
-    # Midway between the last kept and the first dropped group: both get a nonzero margin.
-    return max(0.5 * (hi + lo), 1e-6)
+def _exponents(points: int, spread: float) -> list[float]:
+    if points == 1:
+        return [1.0]
+    return [spread ** (-1 + 2 * i / (points - 1)) for i in range(points)]
 
 
-class LearnedThresholds:
-    """The per-layer log-thresholds and the budget multiplier, kept across transitions."""
+def _guess(kept: list[float], prior: list[float], target: float, floors: list[float]
+           ) -> list[float]:
+    """Per-layer kept weights between ``kept`` (now) and ``prior`` (the expected final
+    allocation), geometric in between, that sum to ``target``: the centre of the profiles."""
+    def at(e: float) -> list[float]:
+        return [min(c, max(f, c ** (1 - e) * max(p, 1e-9) ** e))
+                for c, p, f in zip(kept, prior, floors)]
 
-    def __init__(self) -> None:
-        self.log_t: dict[str, torch.Tensor] = {}
-        self.dual = 0.0
+    lo, hi = 0.0, 1.0
+    if sum(at(hi)) > target:  # the prior keeps more than the target: go past it
+        hi = 64.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sum(at(mid)) > target else (lo, mid)
+    return at(hi)
 
-    def prepare(self, targets: list[Target], scores: list[torch.Tensor], density: float,
-                tau: float) -> None:
-        """Warm start the layers seen before; start new ones at the uniform ``density`` cut.
 
-        New layers are then shifted together (one common factor on their thresholds) until the
-        soft masks at temperature ``tau`` hold ``density`` of the weights: a soft mask keeps a
-        share of every group, so the hard cut alone would start far over budget and the first
-        steps would be spent correcting that instead of learning the allocation.
+def _prior(ctx: Context, floors: list[float]) -> list[float]:
+    """The expected final allocation: the last transition's densities (warm start) rescaled to
+    this budget, or the uniform one."""
+    prev = ctx.state.get("densities") or {}
+    if not all(t.fqn in prev for t in ctx.targets):
+        return [ctx.density * t.num_weights for t in ctx.targets]
+    base = [float(prev[t.fqn]) * t.num_weights for t in ctx.targets]
+    caps = [float(t.num_weights) for t in ctx.targets]
+
+    def at(scale: float) -> list[float]:
+        return [min(c, max(f, scale * b)) for b, c, f in zip(base, caps, floors)]
+
+    lo, hi = 0.0, 1.0
+    while sum(at(hi)) < ctx.budget and hi < 1e12:
+        hi *= 2
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if sum(at(mid)) < ctx.budget else (lo, mid)
+    return at(hi)
+
+
+def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess: list[float],
+              floors: list[float], batches: list[Any], cfg: LearnedConfig, round_: int
+              ) -> tuple[list[list[tuple[float, float]]], Callable[[list[torch.Tensor]], float]]:
+    """``(removed weights, loss increase)`` points of every layer, the others as they are.
+
+    The loss increase of a cut is measured on ``batches`` and, with ``cfg.first_order`` off,
+    its first-order part ``-sum_cut dL/dM`` on the same batches is subtracted: at a trained
+    model that part averages to zero but, measured on a few batches, it is mostly label noise
+    (it grows like the cut, the rest like its square), which made small cuts look free or
+    harmful at random.
+    """
+    session = ctx.session
+    proxies = session.proxies
+
+    def loss() -> torch.Tensor:
+        total = 0.0
+        for i, batch in enumerate(batches):
+            total = total + check_loss(ctx.loss_fn(session.model, batch), i, "learned profile")
+        return total / len(batches)
+
+    # The base loss of each batch and, by one backward, its gradient to every mask entry.
+    base_per: list[float] = []
+    grads_per: list[tuple[torch.Tensor, ...]] = []  # per batch, per layer: dL/dM
+    with torch.enable_grad():
+        for i, batch in enumerate(batches):
+            soft = []
+            for proxy, m in zip(proxies, masks):
+                proxy.mask = m.to(proxy.weight.dtype).requires_grad_(True)
+                soft.append(proxy.mask)
+            value = check_loss(ctx.loss_fn(session.model, batch), i, "learned profile")
+            grads_per.append(tuple(g.detach() for g in torch.autograd.grad(value, soft)))
+            base_per.append(float(value.detach()))
+    base = sum(base_per) / len(base_per)
+    grads = [sum(g[layer] for g in grads_per) / len(grads_per) for layer in range(len(masks))]
+    curves = []
+    with torch.no_grad():
+        for proxy, m in zip(proxies, masks):
+            proxy.mask = m.to(proxy.weight.dtype)
+        exps = _exponents(cfg.points, cfg.spread)
+        for layer, t in enumerate(ctx.targets):
+            c, g, floor = kept[layer], guess[layer], floors[layer]
+            ratio = min(max(g / c, 1e-9), 0.85) if c > 0 else 1.0
+            wants = sorted({max(floor, c * ratio ** a) for a in exps} | {floor}, reverse=True)
+            scores = ctx.scores(t)
+            dldm = grads[layer].double()
+            points = [(0.0, 0.0)]
+            seen = {c}
+            for want in wants:
+                cut = select_allocation([scores], [t.sizes], [want], [floor],
+                                        eligible=[masks[layer]])[0]
+                x = _kept(t.sizes, cut)
+                if x in seen or x > c:
+                    continue
+                seen.add(x)
+                proxies[layer].mask = cut.to(proxies[layer].weight.dtype)
+                cost = float(loss()) - base
+                if not cfg.first_order:
+                    cost += float(dldm[masks[layer] & ~cut].sum())
+                points.append((c - x, cost))
+            proxies[layer].mask = masks[layer].to(proxies[layer].weight.dtype)
+            curves.append(points)
+            ctx.history.append({"round": round_, "layer": t.fqn, "profile": points})
+
+    @torch.no_grad()
+    def joint_cost(cut: list[torch.Tensor]) -> list[float]:
+        """Per batch, the loss increase of cutting every layer at once to ``cut``.
+
+        Uncorrected: between allocations of the same budget the first-order parts are of one
+        size and partly cancel, and a model far from a minimum has a real first-order part
+        (measured on the planted tests' briefly trained models); the noise that remains is
+        handled by the paired comparison in :func:`run_learned`.
         """
-        fresh = []
-        for t, s in zip(targets, scores):
-            if t.fqn in self.log_t:
-                self.log_t[t.fqn] = self.log_t[t.fqn].detach().to(t.weight.device)
-            else:
-                thr = _quantile_threshold(s, t.sizes, density)
-                self.log_t[t.fqn] = torch.tensor(thr, device=t.weight.device).log()
-                fresh.append(t.fqn)
-        if fresh:
-            base = {f: self.log_t[f].clone() for f in fresh}
-
-            def soft_density(shift: float) -> float:
-                for f in fresh:
-                    self.log_t[f] = base[f] + shift
-                with torch.no_grad():
-                    return float(self.density(targets, self.soft_masks(targets, scores, tau)))
-
-            lo, hi = -10.0, 10.0  # soft density falls as the shift (log factor) grows
-            for _ in range(50):
-                mid = 0.5 * (lo + hi)
-                lo, hi = (mid, hi) if soft_density(mid) > density else (lo, mid)
-            soft_density(0.5 * (lo + hi))
-        for t in targets:
-            self.log_t[t.fqn].requires_grad_(True)
-
-    def thresholds(self) -> dict[str, float]:
-        return {fqn: float(v.detach().exp()) for fqn, v in self.log_t.items()}
-
-    def margins(self, targets: list[Target], scores: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``(s - t_l)/t_l`` per group: the key of the final global ranking (differentiable)."""
+        for proxy, m in zip(proxies, cut):
+            proxy.mask = m.to(proxy.weight.dtype)
         out = []
-        for t, s in zip(targets, scores):
-            thr = self.log_t[t.fqn].exp()
-            out.append((s - thr) / thr)
+        for i, batch in enumerate(batches):
+            value = float(check_loss(ctx.loss_fn(session.model, batch), i, "learned profile"))
+            out.append(value - base_per[i])
+        for proxy, m in zip(proxies, masks):
+            proxy.mask = m.to(proxy.weight.dtype)
         return out
 
-    def soft_masks(self, targets: list[Target], scores: list[torch.Tensor], tau: float
-                   ) -> list[torch.Tensor]:
-        """``sigmoid(margin / tau)`` per layer, differentiable in the thresholds."""
-        return [torch.sigmoid(m / tau) for m in self.margins(targets, scores)]
-
-    def cap(self, targets: list[Target], scores: list[torch.Tensor], floors: list[float]) -> None:
-        """Project the thresholds onto the layer floors: ``t_l`` at most the score of the last
-        group a layer needs to keep ``floors[l]`` weights (its best group when the floor is 0).
-
-        A threshold above all of a layer's scores leaves every sigmoid saturated, so neither the
-        task nor the budget term can bring the layer back (measured: whole layers of the
-        benchmark MLP died that way within 40 steps). Capped, the layer's best groups always
-        sit at the soft boundary, where the gradient flows.
-        """
-        with torch.no_grad():
-            for t, s, floor in zip(targets, scores, floors):
-                flat = s.flatten()
-                order = torch.sort(flat, descending=True).indices
-                csum = t.sizes.flatten().to(flat.device, torch.float64)[order].cumsum(0)
-                need = int(torch.searchsorted(csum, torch.tensor([floor - 1e-9], device=csum.device,
-                                                                 dtype=csum.dtype)))
-                top = float(flat[order[min(need, flat.numel() - 1)]])
-                if top > 0:
-                    self.log_t[t.fqn].clamp_(max=torch.tensor(top).log().item())
-
-    @staticmethod
-    def density(targets: list[Target], masks: list[torch.Tensor]) -> torch.Tensor:
-        """Global density implied by (soft) masks: groups weighted by their real weights."""
-        kept = sum((t.sizes.to(m.device, m.dtype) * m).sum() for t, m in zip(targets, masks))
-        return kept / sum(t.num_weights for t in targets)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"log_thresholds": {k: v.detach().cpu().clone() for k, v in self.log_t.items()},
-                "dual": self.dual}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.log_t = {k: v.detach().clone().float() for k, v in state["log_thresholds"].items()}
-        self.dual = float(state["dual"])
+    return curves, joint_cost
 
 
-def run_learned(session: TransitionSession, thresholds: LearnedThresholds,
-                scores_fn: Callable[[Target], torch.Tensor], density: float,
-                floors: list[float], steps: int,
-                batches: Iterator[Any], loss_fn: Callable[[Any, Any], torch.Tensor],
-                weight_optimizer: torch.optim.Optimizer | None, config: LearnedConfig,
-                taylor: TaylorScorer | None, history: list[dict[str, float]]
-                ) -> list[torch.Tensor]:
-    """The soft-mask transition; returns the final margins of every target layer.
+def _rebalance(goal: list[float], target: float, floors: list[float], caps: list[float]
+               ) -> list[float]:
+    """``goal`` moved to sum to ``target`` (the candidates' whole-group rounding put back), in
+    proportion to each layer's room, within ``[floors, caps]``."""
+    goal = [min(c, max(f, g)) for g, f, c in zip(goal, floors, caps)]
+    for _ in range(8):
+        gap = target - sum(goal)
+        room = [(c - g) if gap > 0 else (g - f) for g, f, c in zip(goal, floors, caps)]
+        if abs(gap) < 1e-9 or sum(room) <= 0:
+            break
+        step = min(1.0, abs(gap) / sum(room))
+        goal = [g + (1 if gap > 0 else -1) * step * r for g, r in zip(goal, room)]
+    return goal
 
-    ``scores_fn(target)`` gives the raw scores at the current step (magnitude of the current
-    weights, or the Taylor average). ``weight_optimizer`` (``None``: weights are not trained)
-    steps the target layers' Parameters; the thresholds have an Adam of their own.
-    """
-    targets, proxies = session.targets, session.proxies
-    scores = [normalize_scores(scores_fn(t)) for t in targets]
-    thresholds.prepare(targets, scores, density, config.tau_start)
-    params = [thresholds.log_t[t.fqn] for t in targets]
-    threshold_opt = torch.optim.Adam(params, lr=config.threshold_lr)
-    for step in range(steps):
-        tau = geometric_anneal(step, steps, config.tau_start, config.tau_end)
-        if step:
-            scores = [normalize_scores(scores_fn(t)) for t in targets]
-        # Two evaluations of the same soft mask: the forward copy's gradient is the task-only
-        # dL/dm that the Taylor scorer needs; the budget term goes through the other one.
-        forward_masks = thresholds.soft_masks(targets, scores, tau)
-        for proxy, m in zip(proxies, forward_masks):
-            if taylor is not None:
-                m.retain_grad()
-            proxy.mask = m
-        budget_density = thresholds.density(targets, thresholds.soft_masks(targets, scores, tau))
-        task = check_loss(loss_fn(session.model, next(batches)), step, "learned transition")
-        gap = budget_density - density
-        loss = task + thresholds.dual * gap + 0.5 * config.penalty * gap * gap
-        threshold_opt.zero_grad(set_to_none=True)
-        if weight_optimizer is not None:
-            weight_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        threshold_opt.step()
-        thresholds.cap(targets, scores, floors)
-        if weight_optimizer is not None:
-            weight_optimizer.step()
-        gap = float(gap.detach())
-        thresholds.dual = max(0.0, thresholds.dual + config.dual_lr * gap)
-        if taylor is not None:
-            for t, m in zip(targets, forward_masks):
-                taylor.update(t.fqn, m.grad)
-        record = {"step": step, "loss": float(task.detach()), "tau": tau,
-                  "soft_density": gap + density, "dual": thresholds.dual}
-        for t, m in zip(targets, forward_masks):
-            record[f"density/{t.fqn}"] = float((t.sizes.to(m.device) * m.detach()).sum()
-                                               / t.num_weights)
-        history.append(record)
-    for proxy in proxies:
-        proxy.mask = proxy.mask.detach()
-    final = [normalize_scores(scores_fn(t)) for t in targets]
-    with torch.no_grad():
-        return thresholds.margins(targets, final)
+
+def _candidates(ctx: Context, masks: list[torch.Tensor], kept: list[float], knapsack: list[float],
+                target: float, floors: list[float], curves: list[list[tuple[float, float]]]
+                ) -> dict[str, list[float]]:
+    """Per-layer kept weights of the allocations the round chooses from by measured loss: the
+    knapsack optimum of the profiles, and the standard ones at the same cut (every layer by
+    the same factor; one threshold on the scores; one on LAMP scores; halfway between the
+    knapsack and the same factor), and the knapsack with no layer above 2x or 4x the same
+    factor's cut (the sum of one-layer costs overrates cuts of layers in series, whose damage
+    does not add up, and so can starve one of them to spare another)."""
+    total = sum(kept)
+    same = [k * target / total for k in kept] if total else list(kept)
+    live = [ctx.scores(t) * m for t, m in zip(ctx.targets, masks)]
+    out = {"knapsack": knapsack, "uniform": same}
+    for name, keys in (("global", live), ("lamp", [lamp_scores(k) for k in live])):
+        cut = select_global(keys, ctx.sizes, target, floors, eligible=masks)
+        out[name] = [_kept(t.sizes, m) for t, m in zip(ctx.targets, cut)]
+    mix = [max(1e-9, a * b) ** 0.5 for a, b in zip(knapsack, same)]
+    out["mix"] = _rebalance(mix, target, floors, kept)
+    for factor in (2, 4):  # the knapsack, no layer above factor x the same-factor cut
+        forced = [max(0.0, k - factor * s) for k, s in zip(kept, same)]
+        room = sum(max(x for x, _ in c) for c in curves)
+        removed = allocate_removal(curves, min(room, max(total - target, sum(forced))),
+                                   share_ties=False, at_least=forced)
+        out[f"cap{factor}"] = [k - d for k, d in zip(kept, removed)]
+    return out
+
+
+def run_learned(ctx: Context) -> list[torch.Tensor]:
+    """The learned transition (module docstring); the final keep-masks, exactly on budget."""
+    cfg: LearnedConfig = ctx.pruner.learned_config
+    cfg.validate()
+    targets = ctx.targets
+    sizes = ctx.sizes
+    floors = [max(f, cfg.min_share * ctx.density * t.num_weights)
+              for f, t in zip(ctx.min_weights, targets)]
+    total = float(sum(t.num_weights for t in targets))
+    prior = _prior(ctx, floors)
+    warm = all(t.fqn in (ctx.state.get("densities") or {}) for t in targets)
+    if ctx.steps == 0 and warm:
+        # No training and a warm start: the learned allocation itself, on the current scores.
+        masks = select_allocation([ctx.scores(t) for t in targets], sizes, prior, floors)
+        ctx.state["densities"] = {t.fqn: _kept(t.sizes, m) / t.num_weights
+                                  for t, m in zip(targets, masks)}
+        return masks
+    masks = [torch.ones(t.grid, dtype=torch.bool, device=t.weight.device) for t in targets]
+    kept = [_kept(t.sizes, m) for t, m in zip(targets, masks)]
+    steps = ctx.steps
+    batches_per_round = cfg.profile_batches
+    rounds = 1 if steps == 0 else max(1, min(cfg.rounds, steps // cfg.round_steps))
+    if steps:
+        def per_round(b: int) -> int:  # forward-pass equivalents of one round
+            return b * (3 + len(targets) * (cfg.points + 1) + (7 if cfg.candidates else 0))
+
+        allowed = cfg.profile_budget * steps
+        rounds = max(1, min(rounds, int(allowed // per_round(batches_per_round))))
+    bounds = [round(k * steps / rounds) for k in range(rounds + 1)]
+    chosen = []
+    for r in range(rounds):
+        t0, t1 = bounds[r], bounds[r + 1]
+        last = r == rounds - 1
+        target = ctx.budget if last else cubic_density(t1, steps, ctx.density) * total
+        target = min(target, sum(kept))
+        eval_batches = [next(ctx.batches) for _ in range(batches_per_round)]
+        guess = _guess(kept, prior, target, floors)
+        curves, joint_cost = _profiles(ctx, masks, kept, guess, floors, eval_batches, cfg, r)
+        # What the curves allow (each layer down to its floor, in whole groups) bounds the cut.
+        room = sum(max(x for x, _ in curve) for curve in curves)
+        removed = allocate_removal(curves, min(room, max(0.0, sum(kept) - target)),
+                                   share_ties=False)
+        goal = [k - d for k, d in zip(kept, removed)]
+        if cfg.candidates:
+            costs = {}
+            for name, want in _candidates(ctx, masks, kept, goal, target, floors,
+                                          curves).items():
+                cut = select_allocation([ctx.scores(t) for t in targets], sizes, want, floors,
+                                        eligible=masks)
+                per = joint_cost(cut)
+                costs[name] = (sum(per) / len(per), [_kept(t.sizes, m) for t, m in
+                                                     zip(targets, cut)], per)
+            # Another allocation replaces the knapsack's only when it is cheaper by more than
+            # the standard error of the paired per-batch differences (not by noise).
+            knap = costs["knapsack"][2]
+            best = "knapsack"
+            for name, (_, _, per) in costs.items():
+                diff = [a - b for a, b in zip(per, knap)]
+                mean = sum(diff) / len(diff)
+                var = sum((d - mean) ** 2 for d in diff) / max(1, len(diff) - 1)
+                if mean + (var / len(diff)) ** 0.5 < 0 and (
+                        best == "knapsack" or costs[name][0] < costs[best][0]):
+                    best = name
+            goal = _rebalance(costs[best][1], target, floors, kept)
+            chosen.append(best)
+            ctx.history.append({"round": r, "costs": {k: v[0] for k, v in costs.items()},
+                                "kept": {k: v[1] for k, v in costs.items()}, "goal0": goal,
+                                "chosen": best})
+        start = kept
+        d0 = cubic_density(t0, steps, ctx.density) if steps else 1.0
+        d1 = cubic_density(t1, steps, ctx.density) if steps else ctx.density
+        for step in range(t0 + 1, t1 + 1):
+            phi = 1.0 if d0 == d1 else (d0 - cubic_density(step, steps, ctx.density)) / (d0 - d1)
+            if step % cfg.update_every == 0 or step == t1:
+                want = [s + phi * (g - s) for s, g in zip(start, goal)]
+                masks = select_allocation([ctx.scores(t) for t in targets], sizes, want, floors,
+                                          eligible=masks)
+            loss = train_step(ctx, masks, step - 1, "learned transition")
+            record = {"step": step - 1, "loss": loss, "round": r,
+                      "density": sum(_kept(t.sizes, m) for t, m in zip(targets, masks)) / total}
+            for t, m in zip(targets, masks):
+                record[f"density/{t.fqn}"] = _kept(t.sizes, m) / t.num_weights
+            ctx.history.append(record)
+        masks = select_allocation([ctx.scores(t) for t in targets], sizes, goal, floors,
+                                  eligible=None if steps == 0 else masks)
+        kept = [_kept(t.sizes, m) for t, m in zip(targets, masks)]
+    ctx.state["densities"] = {t.fqn: k / t.num_weights for t, k in zip(targets, kept)}
+    ctx.state["chosen"] = chosen
+    return masks

@@ -1,10 +1,8 @@
-"""Schedules over the steps of a transition: density (GMP) and temperature (learned)."""
+"""The density schedule of the gradual methods (``gmp``, ``learned``; docs/pruning.md)."""
 
 from __future__ import annotations
 
-import math
-
-__all__ = ["cubic_density", "geometric_anneal"]
+__all__ = ["cubic_density"]
 
 
 def cubic_density(step: int, total_steps: int, final_density: float,
@@ -20,17 +18,3 @@ def cubic_density(step: int, total_steps: int, final_density: float,
     if total_steps == 0:
         return final_density
     return final_density + (initial_density - final_density) * (1 - step / total_steps) ** 3
-
-
-def geometric_anneal(step: int, total_steps: int, start: float, end: float) -> float:
-    """``start`` at step 0 to ``end`` at the last step (``total_steps - 1``), geometrically.
-
-    A temperature spends as many steps between 0.5 and 0.25 as between 0.1 and 0.05: a linear
-    schedule would rush through the small temperatures where the masks become hard.
-    """
-    if start <= 0 or end <= 0:
-        raise ValueError(f"temperatures must be positive, got start={start}, end={end}")
-    if total_steps <= 1:
-        return end
-    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
-    return math.exp(math.log(start) + frac * (math.log(end) - math.log(start)))

@@ -1,4 +1,4 @@
-"""Group importance scores (DESIGN §5): magnitude and Taylor.
+"""Group importance scores within a layer (docs/pruning.md): magnitude and Taylor.
 
 Scores are per group, in the shape of the layer's mask grid (``[N, K]`` for elements, the block
 grid for blocks); larger means more important.
@@ -14,7 +14,7 @@ import torch
 from adsparse.layout import block_norms, block_weight_counts
 from adsparse.pruning.targets import TransitionSession, check_loss
 
-__all__ = ["SCORERS", "TaylorScorer", "magnitude_scores"]
+__all__ = ["SCORERS", "TaylorScorer", "group_sums", "magnitude_scores"]
 
 SCORERS = ("magnitude", "taylor")
 
@@ -33,6 +33,18 @@ def magnitude_scores(weight: torch.Tensor, block_size: tuple[int, int] | None,
     if sizes is None:
         sizes = block_weight_counts(tuple(w.shape), block_size)
     return norms / sizes.to(norms.device, torch.float32).sqrt()
+
+
+def group_sums(x: torch.Tensor, block_size: tuple[int, int] | None) -> torch.Tensor:
+    """Sum of ``x`` over each group: ``x`` itself for elements, per ``(bn, bk)`` block (tail
+    blocks sum their real entries)."""
+    if block_size is None:
+        return x
+    bn, bk = block_size
+    n, k = x.shape
+    rows, cols = -(-n // bn), -(-k // bk)
+    padded = torch.nn.functional.pad(x, (0, cols * bk - k, 0, rows * bn - n))
+    return padded.reshape(rows, bn, cols, bk).sum(dim=(1, 3))
 
 
 class TaylorScorer:
@@ -58,6 +70,11 @@ class TaylorScorer:
         if old is not None:
             value = old.mul(self.beta).add_(value, alpha=1 - self.beta)
         self.ema[fqn] = value
+
+    def observe(self, fqn: str, weight: torch.Tensor, grad: torch.Tensor,
+                block_size: tuple[int, int] | None) -> None:
+        """Fold ``sum_g W * dL/dW`` of a dense step (the ``dL/dM`` of an all-ones mask) in."""
+        self.update(fqn, group_sums(weight.detach().float() * grad.detach().float(), block_size))
 
     def scores(self, fqn: str) -> torch.Tensor:
         if fqn not in self.ema:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import cycle
 from typing import Any
 
@@ -27,10 +27,11 @@ from adsparse import ops
 from adsparse.layout import block_weight_counts
 from adsparse.nn import SparseLinear, prunable_layers
 
-__all__ = ["MaskedProxy", "Target", "TransitionSession", "check_loss", "cycle_batches",
-           "find_targets"]
+__all__ = ["Context", "MaskedProxy", "Target", "TransitionSession", "check_loss",
+           "cycle_batches", "find_targets"]
 
 FilterFn = Callable[[nn.Module, str], bool]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @dataclass(eq=False)
@@ -54,6 +55,41 @@ class Target:
     def num_weights(self) -> int:
         n, k = self.weight.shape
         return n * k
+
+
+@dataclass(eq=False)
+class Context:
+    """Everything a method's runner gets (one signature for every method, see ``registry``).
+
+    ``min_weights[l]``: the fewest real weights layer ``l`` keeps (``min_layer_density`` times
+    its weights). ``budget``: the kept weights of all layers together (``density`` times their
+    total). ``scores(target)``: the within-layer group importance of the pruner's scorer at the
+    current step. For methods that train (``needs_data``), ``session`` holds the swapped-in
+    proxies, ``batches`` is an endless iterator, ``optimizer`` steps the target layers'
+    Parameters; otherwise these are ``None``. ``history`` collects one dict per step. ``state``
+    is the method's own entry of the pruner's warm-start state (a dict it may read and update;
+    it must hold only tensors and plain Python data). ``pruner`` is the calling ``Pruner``,
+    whose attributes hold the methods' knobs (``gmp_update_every``, ``learned_config``).
+    """
+
+    targets: list[Target]
+    density: float
+    budget: float
+    min_weights: list[float]
+    scores: Callable[[Target], torch.Tensor]
+    steps: int = 0
+    session: TransitionSession | None = None
+    batches: Iterator[Any] | None = None
+    loss_fn: LossFn | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    taylor: Any = None  # a scorers.TaylorScorer fed during the transition, or None
+    history: list[dict[str, float]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    pruner: Any = None
+
+    @property
+    def sizes(self) -> list[torch.Tensor]:
+        return [t.sizes for t in self.targets]
 
 
 def find_targets(model: nn.Module, granularity: str, block_size: tuple[int, int],
