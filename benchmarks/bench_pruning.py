@@ -35,7 +35,13 @@ CI (negative: ``learned`` better; significant when the CI excludes 0). Transitio
 are recorded (``learned`` / ``gmp`` ratio in the summary).
 
     python benchmarks/bench_pruning.py            # full run, CSVs in benchmarks/results/
-    python benchmarks/bench_pruning.py --quick    # a smoke run (about a minute)
+    python benchmarks/bench_pruning.py --quick    # a smoke run (2-3 minutes)
+
+On the 2-core machine the two models run side by side in two processes, then one report:
+
+    python benchmarks/bench_pruning.py --models mlp --out benchmarks/results/pruning_mlp &
+    python benchmarks/bench_pruning.py --models dlrm --out benchmarks/results/pruning_dlrm
+    python benchmarks/bench_pruning.py --report benchmarks/results/pruning_{mlp,dlrm}_runs.csv
 """
 
 from __future__ import annotations
@@ -413,6 +419,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "dense reference): lower, so no fresh optimizer undoes the dense training")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the shapes are small and the machine is shared)")
+    p.add_argument("--report", nargs="+", metavar="RUNS_CSV",
+                   help="no runs: print the tables and targets of these *_runs.csv files "
+                        "(e.g. of --models mlp and --models dlrm run side by side) and write "
+                        "their combined summary to OUT_summary.csv")
     p.add_argument("--out", default=str(RESULTS / "pruning"),
                    help="CSV prefix (PREFIX_runs.csv, PREFIX_summary.csv); '' for none")
     args = p.parse_args(argv)
@@ -428,8 +438,67 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def read_runs(paths: Sequence[str]) -> tuple[list[dict], dict[str, list[float]]]:
+    """Runs (and dense references) back from ``*_runs.csv`` files written by this script."""
+    runs, dense = [], {}
+    for path in paths:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                r = {"model": row["model"], "seed": int(row["seed"]),
+                     "granularity": row["granularity"], "density": float(row["density"]),
+                     "method": row["method"], "ne": float(row["ne"]),
+                     "achieved": float(row["achieved"]), "prune_s": float(row["prune_s"]),
+                     "total_s": float(row["total_s"]),
+                     "layers": {k.split("/", 1)[1]: float(v) for k, v in row.items()
+                                if k.startswith("density/") and v not in ("", None)}}
+                if r["method"] == "dense":
+                    dense.setdefault(r["model"], []).append(r["ne"])
+                else:
+                    runs.append(r)
+    return runs, dense
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, cell by cell: learned lowest mean NE; significant wins."""
+    lines = []
+    for model in sorted({r["model"] for r in rows}):
+        for gran in sorted({r["granularity"] for r in rows if r["model"] == model}):
+            cells = [r for r in rows if (r["model"], r["granularity"]) == (model, gran)
+                     and r["method"] == "learned" and "diff_mean" in r]
+            best = [r["density"] for r in cells if r["rank"] == 1]
+            sig = [r["density"] for r in cells if r["significant"] and r["diff_mean"] < 0]
+            lines.append(f"{model} {gran}: learned lowest mean NE at {len(best)}/{len(cells)} "
+                         f"densities {best}; significantly better at {sig}")
+    return lines
+
+
+def report(paths: Sequence[str], out: str) -> list[dict]:
+    """Print the tables and targets of finished runs; write the combined summary CSV."""
+    runs, dense = read_runs(paths)
+    rows = summarize(runs, dense)
+    for model in sorted(dense):
+        for gran in ("block", "element"):
+            text = markdown(rows, model, gran)
+            if text:
+                print("\n" + text)
+    for line in targets(rows):
+        print(line)
+    for model in sorted(dense):
+        gmp = [r["prune_s"] for r in runs if r["model"] == model and r["method"] == "gmp"]
+        lrn = [r["prune_s"] for r in runs if r["model"] == model and r["method"] == "learned"]
+        if gmp and lrn:
+            print(f"{model}: transition wall time learned/gmp = "
+                  f"{statistics.fmean(lrn) / statistics.fmean(gmp):.2f} "
+                  f"({statistics.fmean(lrn):.2f} s vs {statistics.fmean(gmp):.2f} s)")
+    if out:
+        write_csv(Path(out + "_summary.csv"), rows)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.report:
+        return {"summary": report(args.report, args.out)}
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(f"bench_pruning: {platform.processor() or platform.machine()}, "
@@ -470,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for gran in args.granularities:
             print()
             print(markdown(rows, model, gran))
+    print()
+    for line in targets(rows):
+        print(line)
     for model in args.models:
         gmp = [r["prune_s"] for r in pruned if r["model"] == model and r["method"] == "gmp"]
         lrn = [r["prune_s"] for r in pruned if r["model"] == model and r["method"] == "learned"]

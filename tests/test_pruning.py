@@ -345,3 +345,31 @@ def test_bench_pruning_quick_mode_runs() -> None:
         total = 64 * 256 + 256 * 256 + 256 * 128  # the hidden layers' weights
         assert abs(r["achieved"] - r["density"]) <= 1 / total  # one element
         assert math.isfinite(r["ne"]) and 0 < r["ne"] < 2
+
+
+# ----------------------------------------------------------------------------- the registry
+def test_registry_is_the_one_list_of_methods(monkeypatch) -> None:
+    """Pruner, the CLI's --pruner choices and docs/pruning.md all follow METHODS, and a new
+    method is one runner plus one registry entry."""
+    from pathlib import Path
+
+    from adsparse.cli import _parser
+    from adsparse.pruning import Method, select_uniform
+
+    parser = _parser()
+    run = next(a for a in parser._subparsers._group_actions[0].choices["run"]._actions
+               if "--pruner" in a.option_strings)
+    assert list(run.choices) == list(METHODS)
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "pruning.md").read_text()
+    for name in METHODS:
+        assert f"| `{name}` |" in docs, name
+
+    def keep_half(ctx):  # a new method: every layer at the same density, by reversed scores
+        return select_uniform([-ctx.scores(t) for t in ctx.targets], ctx.sizes, ctx.density,
+                              ctx.min_weights)
+
+    monkeypatch.setitem(METHODS, "smallest", Method(keep_half, False, "the smallest weights"))
+    model = odd_mlp()
+    masks = Pruner(model, 0.5, "smallest", "element", min_layer_density=0.0).prune()
+    w = model[0].weight.detach().abs()
+    assert float(w[masks["0"]].max()) <= float(w[~masks["0"]].min())

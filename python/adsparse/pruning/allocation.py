@@ -141,18 +141,18 @@ def select_allocation(keys: list[torch.Tensor], sizes: list[torch.Tensor], want:
     """
     elig = eligible or [None] * len(keys)
     orders, csums, counts, carry, kept = [], [], [], 0.0, 0.0
-    for key, size, e, floor, w in zip(keys, sizes, elig, min_weights, want):
+    for key, size, e, least, w in zip(keys, sizes, elig, min_weights, want):
         order, csum = _ranked(key, size, e)
         target = w + carry
-        count = max(_closest(csum, target), _at_least(csum, floor))
+        count = max(_closest(csum, target), _at_least(csum, least))
         carry = target - float(csum[count])
         kept += float(csum[count])
         orders.append(order)
         csums.append(csum)
         counts.append(count)
-    # The carry only flows forward: when the last layers are full (or at their floor), put
+    # The carry only flows forward: when the last layers are full (or at their minimum), put
     # what is left on any layer that can still take (give) its next (last) group.
-    floors = [_at_least(c, f) for c, f in zip(csums, min_weights)]
+    least_counts = [_at_least(c, f) for c, f in zip(csums, min_weights)]
     changed = True
     while changed:
         changed = False
@@ -163,7 +163,7 @@ def select_allocation(keys: list[torch.Tensor], sizes: list[torch.Tensor], want:
                 step = float(csum[n + 1] - csum[n])
                 if abs(gap - step) < abs(gap):
                     counts[i], kept, gap, changed = n + 1, kept + step, gap - step, True
-            elif gap < 0 and n > floors[i]:
+            elif gap < 0 and n > least_counts[i]:
                 step = float(csum[n] - csum[n - 1])
                 if abs(gap + step) < abs(gap):
                     counts[i], kept, gap, changed = n - 1, kept - step, gap + step, True

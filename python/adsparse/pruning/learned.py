@@ -49,7 +49,7 @@ class LearnedConfig:
         rounds: allocation rounds of a transition, at most (one profile measurement each).
         round_steps: fewest training steps per round: a transition of ``steps`` steps has
             ``min(rounds, steps // round_steps)`` rounds (at least one).
-        points: densities measured per layer in a profile (plus the layer's floor).
+        points: densities measured per layer in a profile (plus its ``min_weights``).
         spread: the profile's densities lie between the expected cut ``g`` and the current
             density ``c`` as ``c * (g / c) ** a`` with ``a`` from ``1 / spread`` to ``spread``.
         profile_batches: batches every profile point is measured on (the same for all).
@@ -97,13 +97,13 @@ def _exponents(points: int, spread: float) -> list[float]:
     return [spread ** (-1 + 2 * i / (points - 1)) for i in range(points)]
 
 
-def _guess(kept: list[float], prior: list[float], target: float, floors: list[float]
+def _guess(kept: list[float], prior: list[float], target: float, min_weights: list[float]
            ) -> list[float]:
     """Per-layer kept weights between ``kept`` (now) and ``prior`` (the expected final
     allocation), geometric in between, that sum to ``target``: the centre of the profiles."""
     def at(e: float) -> list[float]:
         return [min(c, max(f, c ** (1 - e) * max(p, 1e-9) ** e))
-                for c, p, f in zip(kept, prior, floors)]
+                for c, p, f in zip(kept, prior, min_weights)]
 
     lo, hi = 0.0, 1.0
     if sum(at(hi)) > target:  # the prior keeps more than the target: go past it
@@ -114,7 +114,7 @@ def _guess(kept: list[float], prior: list[float], target: float, floors: list[fl
     return at(hi)
 
 
-def _prior(ctx: Context, floors: list[float]) -> list[float]:
+def _prior(ctx: Context, min_weights: list[float]) -> list[float]:
     """The expected final allocation: the last transition's densities (warm start) rescaled to
     this budget, or the uniform one."""
     prev = ctx.state.get("densities") or {}
@@ -124,7 +124,7 @@ def _prior(ctx: Context, floors: list[float]) -> list[float]:
     caps = [float(t.num_weights) for t in ctx.targets]
 
     def at(scale: float) -> list[float]:
-        return [min(c, max(f, scale * b)) for b, c, f in zip(base, caps, floors)]
+        return [min(c, max(f, scale * b)) for b, c, f in zip(base, caps, min_weights)]
 
     lo, hi = 0.0, 1.0
     while sum(at(hi)) < ctx.budget and hi < 1e12:
@@ -136,7 +136,7 @@ def _prior(ctx: Context, floors: list[float]) -> list[float]:
 
 
 def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess: list[float],
-              floors: list[float], batches: list[Any], cfg: LearnedConfig, round_: int
+              min_weights: list[float], batches: list[Any], cfg: LearnedConfig, round_: int
               ) -> tuple[list[list[tuple[float, float]]], Callable[[list[torch.Tensor]], float]]:
     """``(removed weights, loss increase)`` points of every layer, the others as they are.
 
@@ -175,15 +175,15 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
             proxy.mask = m.to(proxy.weight.dtype)
         exps = _exponents(cfg.points, cfg.spread)
         for layer, t in enumerate(ctx.targets):
-            c, g, floor = kept[layer], guess[layer], floors[layer]
+            c, g, least = kept[layer], guess[layer], min_weights[layer]
             ratio = min(max(g / c, 1e-9), 0.85) if c > 0 else 1.0
-            wants = sorted({max(floor, c * ratio ** a) for a in exps} | {floor}, reverse=True)
+            wants = sorted({max(least, c * ratio ** a) for a in exps} | {least}, reverse=True)
             scores = ctx.scores(t)
             dldm = grads[layer].double()
             points = [(0.0, 0.0)]
             seen = {c}
             for want in wants:
-                cut = select_allocation([scores], [t.sizes], [want], [floor],
+                cut = select_allocation([scores], [t.sizes], [want], [least],
                                         eligible=[masks[layer]])[0]
                 x = _kept(t.sizes, cut)
                 if x in seen or x > c:
@@ -220,14 +220,14 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
     return curves, joint_cost
 
 
-def _rebalance(goal: list[float], target: float, floors: list[float], caps: list[float]
+def _rebalance(goal: list[float], target: float, min_weights: list[float], caps: list[float]
                ) -> list[float]:
     """``goal`` moved to sum to ``target`` (the candidates' whole-group rounding put back), in
-    proportion to each layer's room, within ``[floors, caps]``."""
-    goal = [min(c, max(f, g)) for g, f, c in zip(goal, floors, caps)]
+    proportion to each layer's room, within ``[min_weights, caps]``."""
+    goal = [min(c, max(f, g)) for g, f, c in zip(goal, min_weights, caps)]
     for _ in range(8):
         gap = target - sum(goal)
-        room = [(c - g) if gap > 0 else (g - f) for g, f, c in zip(goal, floors, caps)]
+        room = [(c - g) if gap > 0 else (g - f) for g, f, c in zip(goal, min_weights, caps)]
         if abs(gap) < 1e-9 or sum(room) <= 0:
             break
         step = min(1.0, abs(gap) / sum(room))
@@ -236,7 +236,7 @@ def _rebalance(goal: list[float], target: float, floors: list[float], caps: list
 
 
 def _candidates(ctx: Context, masks: list[torch.Tensor], kept: list[float], knapsack: list[float],
-                target: float, floors: list[float], curves: list[list[tuple[float, float]]]
+                target: float, min_weights: list[float], curves: list[list[tuple[float, float]]]
                 ) -> dict[str, list[float]]:
     """Per-layer kept weights of the allocations the round chooses from by measured loss: the
     knapsack optimum of the profiles, and the standard ones at the same cut (every layer by
@@ -249,10 +249,10 @@ def _candidates(ctx: Context, masks: list[torch.Tensor], kept: list[float], knap
     live = [ctx.scores(t) * m for t, m in zip(ctx.targets, masks)]
     out = {"knapsack": knapsack, "uniform": same}
     for name, keys in (("global", live), ("lamp", [lamp_scores(k) for k in live])):
-        cut = select_global(keys, ctx.sizes, target, floors, eligible=masks)
+        cut = select_global(keys, ctx.sizes, target, min_weights, eligible=masks)
         out[name] = [_kept(t.sizes, m) for t, m in zip(ctx.targets, cut)]
     mix = [max(1e-9, a * b) ** 0.5 for a, b in zip(knapsack, same)]
-    out["mix"] = _rebalance(mix, target, floors, kept)
+    out["mix"] = _rebalance(mix, target, min_weights, kept)
     for factor in (2, 4):  # the knapsack, no layer above factor x the same-factor cut
         forced = [max(0.0, k - factor * s) for k, s in zip(kept, same)]
         room = sum(max(x for x, _ in c) for c in curves)
@@ -268,14 +268,15 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
     cfg.validate()
     targets = ctx.targets
     sizes = ctx.sizes
-    floors = [max(f, cfg.min_share * ctx.density * t.num_weights)
-              for f, t in zip(ctx.min_weights, targets)]
+    # The pruner's min_weights, raised to min_share of the target density.
+    min_weights = [max(f, cfg.min_share * ctx.density * t.num_weights)
+                   for f, t in zip(ctx.min_weights, targets)]
     total = float(sum(t.num_weights for t in targets))
-    prior = _prior(ctx, floors)
+    prior = _prior(ctx, min_weights)
     warm = all(t.fqn in (ctx.state.get("densities") or {}) for t in targets)
     if ctx.steps == 0 and warm:
         # No training and a warm start: the learned allocation itself, on the current scores.
-        masks = select_allocation([ctx.scores(t) for t in targets], sizes, prior, floors)
+        masks = select_allocation([ctx.scores(t) for t in targets], sizes, prior, min_weights)
         ctx.state["densities"] = {t.fqn: _kept(t.sizes, m) / t.num_weights
                                   for t, m in zip(targets, masks)}
         return masks
@@ -298,18 +299,18 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
         target = ctx.budget if last else cubic_density(t1, steps, ctx.density) * total
         target = min(target, sum(kept))
         eval_batches = [next(ctx.batches) for _ in range(batches_per_round)]
-        guess = _guess(kept, prior, target, floors)
-        curves, joint_cost = _profiles(ctx, masks, kept, guess, floors, eval_batches, cfg, r)
-        # What the curves allow (each layer down to its floor, in whole groups) bounds the cut.
+        guess = _guess(kept, prior, target, min_weights)
+        curves, joint_cost = _profiles(ctx, masks, kept, guess, min_weights, eval_batches, cfg, r)
+        # What the curves allow (each layer down to its min_weights, whole groups) bounds the cut.
         room = sum(max(x for x, _ in curve) for curve in curves)
         removed = allocate_removal(curves, min(room, max(0.0, sum(kept) - target)),
                                    share_ties=False)
         goal = [k - d for k, d in zip(kept, removed)]
         if cfg.candidates:
             costs = {}
-            for name, want in _candidates(ctx, masks, kept, goal, target, floors,
+            for name, want in _candidates(ctx, masks, kept, goal, target, min_weights,
                                           curves).items():
-                cut = select_allocation([ctx.scores(t) for t in targets], sizes, want, floors,
+                cut = select_allocation([ctx.scores(t) for t in targets], sizes, want, min_weights,
                                         eligible=masks)
                 per = joint_cost(cut)
                 costs[name] = (sum(per) / len(per), [_kept(t.sizes, m) for t, m in
@@ -325,7 +326,7 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
                 if mean + (var / len(diff)) ** 0.5 < 0 and (
                         best == "knapsack" or costs[name][0] < costs[best][0]):
                     best = name
-            goal = _rebalance(costs[best][1], target, floors, kept)
+            goal = _rebalance(costs[best][1], target, min_weights, kept)
             chosen.append(best)
             ctx.history.append({"round": r, "costs": {k: v[0] for k, v in costs.items()},
                                 "kept": {k: v[1] for k, v in costs.items()}, "goal0": goal,
@@ -337,15 +338,15 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
             phi = 1.0 if d0 == d1 else (d0 - cubic_density(step, steps, ctx.density)) / (d0 - d1)
             if step % cfg.update_every == 0 or step == t1:
                 want = [s + phi * (g - s) for s, g in zip(start, goal)]
-                masks = select_allocation([ctx.scores(t) for t in targets], sizes, want, floors,
-                                          eligible=masks)
+                masks = select_allocation([ctx.scores(t) for t in targets], sizes, want,
+                                          min_weights, eligible=masks)
             loss = train_step(ctx, masks, step - 1, "learned transition")
             record = {"step": step - 1, "loss": loss, "round": r,
                       "density": sum(_kept(t.sizes, m) for t, m in zip(targets, masks)) / total}
             for t, m in zip(targets, masks):
                 record[f"density/{t.fqn}"] = _kept(t.sizes, m) / t.num_weights
             ctx.history.append(record)
-        masks = select_allocation([ctx.scores(t) for t in targets], sizes, goal, floors,
+        masks = select_allocation([ctx.scores(t) for t in targets], sizes, goal, min_weights,
                                   eligible=None if steps == 0 else masks)
         kept = [_kept(t.sizes, m) for t, m in zip(targets, masks)]
     ctx.state["densities"] = {t.fqn: k / t.num_weights for t, k in zip(targets, kept)}

@@ -156,8 +156,8 @@ class MaskedProxy(nn.Module):
     """Stands in for a target layer during a transition: ``masked_linear`` with a pruner's mask.
 
     Holds the original layer's Parameters themselves (not copies). ``mask`` is a plain tensor
-    attribute, soft or hard, set by the pruner before every step (it may carry autograd history
-    back to the thresholds).
+    attribute set by the pruner before every step (a hard 0/1 mask, which may require grad so
+    that the loss's gradient with respect to each mask entry, ``dL/dM``, can be read).
     """
 
     def __init__(self, target: Target):
