@@ -156,7 +156,7 @@ def transition(dense: nn.Module, dense_opt: torch.optim.Optimizer, buffer: Seque
     """One dense-to-sparse transition on the recent ``buffer``; the new model and pruner state.
 
     The pruner sees the last ``cfg.prune_batches`` batches of the buffer (its statistics and
-    thresholds are warm-started from ``pruner_state``); distillation, when on, sees them all.
+    allocation is warm-started from ``pruner_state``); distillation, when on, sees them all.
     """
     model = copy.deepcopy(dense)
     pruner = comps.make_pruner(model, density, method, cfg.block_size)
