@@ -67,9 +67,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return m, t95(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
 
 
-def bayes_ne(exp: Experiment) -> list[float]:
+def bayes_ne(stream: Any) -> list[float]:
     """NE of the true click probabilities, per period (the floor no model can beat)."""
-    stream = make_stream(exp)
     out = []
     for p in range(stream.num_periods):
         m = StreamingMetrics()
@@ -89,8 +88,9 @@ def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
                      samples_per_period=args.samples_per_period, batch_size=args.batch_size,
                      progress=False)
     results = run_experiment(exp)
-    results["bayes_ne"] = bayes_ne(exp)
-    results["regime_boundaries"] = list(getattr(make_stream(exp), "regime_boundaries", []))
+    stream = make_stream(exp)
+    results["bayes_ne"] = bayes_ne(stream)
+    results["regime_boundaries"] = list(getattr(stream, "regime_boundaries", []))
     return results
 
 
@@ -113,11 +113,12 @@ def period_gaps(results: dict[str, Any], name: str) -> dict[int, float]:
 def summarize_setting(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """One row per strategy: mean relative NE loss with CIs, paired difference to ad2s, cost."""
     rows = []
+    ad2s = [period_gaps(res, "ad2s") for res in runs]
     for name in names:
-        units = [g for res in runs for g in period_gaps(res, name).values()]
-        per_seed = [statistics.fmean(period_gaps(res, name).values()) for res in runs]
-        diff_units = [period_gaps(res, name)[p] - period_gaps(res, "ad2s")[p]
-                      for res in runs for p in period_gaps(res, name)]
+        gaps = [period_gaps(res, name) for res in runs]
+        units = [g for seed in gaps for g in seed.values()]
+        per_seed = [statistics.fmean(seed.values()) for seed in gaps]
+        diff_units = [seed[p] - ref[p] for seed, ref in zip(gaps, ad2s) for p in seed]
         strat = [res["strategies"][name] for res in runs]
         regen = [sum(1 for g in s["regenerations"] if g["reason"] != "warmup") for s in strat]
         won = [sum(1 for h in s.get("handovers", []) if h["outcome"] == "won") for s in strat]

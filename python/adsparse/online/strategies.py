@@ -36,6 +36,7 @@ from adsparse.online.config import OnlineConfig, StrategySpec
 from adsparse.online.distributed import DistContext, mask_digest
 from adsparse.online.regeneration import (
     SparseModel,
+    block_masks,
     magnitude_topk,
     make_optimizer,
     mlp_densities,
@@ -197,20 +198,20 @@ class Strategy:
         if not buffer:
             return
         t = time.perf_counter()
-        payload = None
+        new = pruner_state = None
         if self.ctx.is_main:
             new, pruner_state = transition(dense.model, dense.opt, list(buffer),
                                            self.spec.density, self.method, self.pruner_state,
                                            self.comps, self.cfg)
-            payload = (new.state_dict(), pruner_state)
         if self.ctx.world > 1:
-            payload = self.ctx.broadcast_object(payload)
-            new = SparseModel.from_state_dict(payload[0], self.comps, self.cfg)
-        self.pruner_state = payload[1]
+            # Plain data travels; every rank rebuilds the same model from it.
+            state, pruner_state = self.ctx.broadcast_object(
+                (new.state_dict(), pruner_state) if self.ctx.is_main else None)
+            new = SparseModel.from_state_dict(state, self.comps, self.cfg)
+        self.pruner_state = pruner_state
         digest = mask_digest(new.model)
         digests = self.ctx.check_same(digest, f"{self.name} regenerated mask")
-        counts = {fqn: int(m.block_mask().sum()) for fqn, m in new.model.named_modules()
-                  if hasattr(m, "block_mask")}
+        counts = {fqn: int(m.sum()) for fqn, m in block_masks(new.model).items()}
         self.reference_mask = magnitude_topk(dense.model, counts, self.cfg.block_size)
         challenge = (self.serving is not None and self.regenerates
                      and self.spec.handover == "challenger")
