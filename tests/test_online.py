@@ -211,6 +211,36 @@ def test_challenger_takes_over_only_when_better():
     assert strat.handovers[-1]["gain"] == pytest.approx(0.02)
 
 
+def test_ad2s_backs_off_after_dropped_challengers():
+    # ne_tolerance < 0: the detector wants a regeneration at every window once allowed.
+    cfg = tiny_cfg(strategies=["ad2s"], min_interval=1, max_interval=100, ne_tolerance=-1.0,
+                   drift_bound=2.0, handover_windows=1, challenger_patience=1)
+    strat, dense, buffer = _lone_strategy(AD2SStrategy, cfg)
+    loses = {"serving": {"logloss": 0.5, "count": 10}, "challenger": {"logloss": 0.6, "count": 10}}
+    wins = {"serving": {"logloss": 0.5, "count": 10}, "challenger": {"logloss": 0.4, "count": 10}}
+    regenerated_at = []
+
+    def window(j: int, duel: dict) -> None:
+        strat.windows.append({"period": 1, "batch": j, "ne_gap": 0.0})
+        if strat.challenger is not None:
+            strat._duel_window(1, j, duel)
+        before = len(strat.regenerations)
+        strat.end_window(1, j, dense, buffer)
+        if len(strat.regenerations) > before:
+            regenerated_at.append(j)
+
+    for j in range(15):
+        window(j, loses)
+    # Each challenger is dropped at the window after it was made (patience 1); the windows
+    # from one regeneration to the next double: 2, 4, 8 (min_interval x 2 ** dropped in a row).
+    assert regenerated_at == [0, 2, 6, 14]
+    assert strat.dropped_in_row == 3
+    assert [h["outcome"] for h in strat.handovers] == ["dropped"] * 3
+    window(15, wins)  # the challenger of window 14 wins: the interval is back to 1 window
+    assert strat.handovers[-1]["outcome"] == "won" and strat.dropped_in_row == 0
+    assert regenerated_at[-1] == 15
+
+
 def test_challenger_in_flight_survives_checkpoint(tmp_path):
     stream = tiny_stream(periods=4, samples=384)
     # Patience long enough that a challenger is in flight at the period-1 checkpoint.

@@ -167,14 +167,19 @@ class Strategy:
         champion, challenger = (sum(w[i] for w in recent) for i in (0, 1))
         if challenger < champion * (1.0 - self.cfg.handover_margin):
             self.serving, self.challenger = self.challenger, None
-            self.handovers.append({"period": period, "batch": index, "windows": len(self.duel),
-                                   "gain": 1.0 - challenger / champion, "outcome": "won"})
-            self.duel = []
+            outcome = "won"
         elif len(self.duel) >= self.cfg.challenger_patience:
             self.challenger = None
-            self.handovers.append({"period": period, "batch": index, "windows": len(self.duel),
-                                   "gain": 1.0 - challenger / champion, "outcome": "dropped"})
-            self.duel = []
+            outcome = "dropped"
+        else:
+            return
+        self.handovers.append({"period": period, "batch": index, "windows": len(self.duel),
+                               "gain": 1.0 - challenger / champion, "outcome": outcome})
+        self.duel = []
+        self.duel_ended(outcome)
+
+    def duel_ended(self, outcome: str) -> None:
+        """Hook: a challenger has ``"won"`` (it serves now) or was ``"dropped"``."""
 
     def end_window(self, period: int, index: int, dense: DenseTrack,
                    buffer: deque[Batch]) -> None:
@@ -314,7 +319,15 @@ class AD2SStrategy(Strategy):
     longer pick, against its ranking at the last regeneration) above ``drift_bound`` fires too.
     No trigger while a challenger is in flight or within ``min_interval`` windows of the last
     regeneration; ``max_interval`` windows force one.
+
+    Back-off: each challenger in a row that is dropped (it never beat the serving model)
+    doubles both intervals, up to ``2 ** max_backoff``; a challenger that wins resets them. A
+    stream on which regenerating does not pay (stationary data, or a serving model whose mask
+    is still good) then stops paying for transitions and for training a second sparse model,
+    while the first regeneration after a change comes as early as before.
     """
+
+    max_backoff = 3
 
     def __init__(self, spec: StrategySpec, cfg: OnlineConfig, comps: Components,
                  ctx: DistContext):
@@ -322,6 +335,11 @@ class AD2SStrategy(Strategy):
         self.method = "learned"
         self.windows_since = 0
         self.best_smoothed: float | None = None
+        self.dropped_in_row = 0
+
+    def duel_ended(self, outcome: str) -> None:
+        self.dropped_in_row = (min(self.max_backoff, self.dropped_in_row + 1)
+                               if outcome == "dropped" else 0)
 
     def end_period(self, period: int, dense: DenseTrack, buffer: deque[Batch]) -> None:
         if self.serving is None and period + 1 >= self.cfg.warmup_periods:
@@ -344,6 +362,7 @@ class AD2SStrategy(Strategy):
         smooth = sum(w["ne_gap"] for w in recent) / len(recent)
         drift = self.mask_drift(dense)
         full = len(recent) >= self.cfg.min_interval
+        backoff = 2 ** self.dropped_in_row
         if full and (self.best_smoothed is None or smooth < self.best_smoothed):
             self.best_smoothed = smooth
         window.update(smoothed_gap=smooth, drift=drift,
@@ -351,9 +370,9 @@ class AD2SStrategy(Strategy):
         reason = None
         if self.challenger is not None:
             return
-        if self.windows_since >= self.cfg.max_interval:
+        if self.windows_since >= self.cfg.max_interval * backoff:
             reason = "max_interval"
-        elif full:
+        elif full and self.windows_since >= self.cfg.min_interval * backoff:
             if smooth - self.best_smoothed > self.cfg.ne_tolerance:
                 reason = "ne_gap"
             elif drift > self.cfg.drift_bound:
@@ -365,12 +384,14 @@ class AD2SStrategy(Strategy):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.update(windows_since=self.windows_since, best_smoothed=self.best_smoothed)
+        state.update(windows_since=self.windows_since, best_smoothed=self.best_smoothed,
+                     dropped_in_row=self.dropped_in_row)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.windows_since, self.best_smoothed = state["windows_since"], state["best_smoothed"]
+        self.dropped_in_row = state.get("dropped_in_row", 0)  # absent before the back-off
 
 
 #: The strategy kinds by name: ``--strategies``, the config's validation and the docs read it.
