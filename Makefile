@@ -9,13 +9,20 @@ CSRC := $(wildcard csrc/*.cpp csrc/*.h)
 
 .PHONY: setup build demo test test-wheel bench lint clean
 
-setup: $(VENV)/.deps build
+setup: $(VENV)/.deps $(VENV)/.torchrec build
 
 $(VENV)/.deps: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q setuptools wheel ninja
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	touch $@
+
+# The TorchRec extra (adsparse[torchrec]) without dependencies: torchrec's own would pull the
+# CUDA build of fbgemm_gpu, which fails to load on a CPU machine. The pins live in the file.
+$(VENV)/.torchrec: requirements-torchrec.txt $(VENV)/.deps
+	$(PIP) install -q --no-deps -r requirements-torchrec.txt
+	$(PY) -c "import torchrec, torchrec.distributed"
 	touch $@
 
 # Rebuild the C++ extension in place whenever a kernel source changes.

@@ -93,7 +93,7 @@ def _parser() -> _Parser:
     from adsparse.models import PRESETS
     from adsparse.online import Experiment, OnlineConfig, strategy_kinds
     from adsparse.online.config import HANDOVERS
-    from adsparse.online.experiment import SYNTHETIC_TABLE_ROWS
+    from adsparse.online.experiment import MODEL_KINDS, SYNTHETIC_TABLE_ROWS
     from adsparse.pruning import METHODS
 
     cfg, exp = OnlineConfig(), Experiment()
@@ -121,6 +121,10 @@ def _parser() -> _Parser:
                           f"{cfg.block_size[0]}x{cfg.block_size[1]})")
     run.add_argument("--preset", choices=sorted(PRESETS), default=exp.preset,
                      help=f"DLRM layer sizes (default {exp.preset})")
+    run.add_argument("--model", choices=sorted(MODEL_KINDS), default=exp.model_kind,
+                     help="the project's DLRM or TorchRec's, its tables sharded over the "
+                          "--nproc processes (needs adsparse[torchrec]; CPU; no checkpoints) "
+                          f"(default {exp.model_kind})")
     run.add_argument("--pruner", choices=METHODS,
                      default=cfg.pruner,
                      help=f"pruner of prune_once and d2s; ad2s always uses learned "
@@ -221,6 +225,20 @@ def _check_data_options(args: argparse.Namespace) -> None:
                              "data uses --samples-per-period)")
 
 
+def _check_torchrec(args: argparse.Namespace) -> None:
+    """``--model torchrec`` needs the extra, the CPU and no checkpoints (sharded tables)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchrec") is None:
+        raise UsageError("argument --model: torchrec is not installed (pip install "
+                         "'adsparse[torchrec]'; see the README)")
+    if args.device != "cpu":
+        raise UsageError("argument --model: torchrec runs on the CPU here (the CPU build of "
+                         "fbgemm_gpu)")
+    if args.checkpoint_dir is not None:
+        raise UsageError("argument --checkpoint-dir: not supported with --model torchrec")
+
+
 def _check_writable(path: Path, option: str) -> None:
     """Fail now, not after the run, if ``path`` cannot become a folder we write files into.
 
@@ -274,9 +292,8 @@ def _preflight(exp: Experiment) -> None:
     """Build what the run builds first (stream, model, each strategy's pruner) and check that
     the data has a period to score after the warm-up, so bad settings fail in one line now
     rather than after the warm-up period."""
-    from adsparse.online.components import default_components
     from adsparse.online.config import parse_strategies
-    from adsparse.online.experiment import make_stream
+    from adsparse.online.experiment import make_components, make_stream
 
     cfg = exp.cfg
     stream = make_stream(exp)  # Criteo: every file opened and its first bytes read
@@ -288,8 +305,7 @@ def _preflight(exp: Experiment) -> None:
     if exp.data == "criteo" and not stream.num_periods_at_least(warmup + 1):
         raise UsageError(f"argument --rows-per-period: the files hold no more than {warmup} "
                          f"warm-up period(s) of {exp.rows_per_period} lines; nothing to score")
-    comps = default_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
-                               cfg.seed, exp.model)
+    comps = make_components(stream, exp)
     model = comps.make_model()
     for spec in parse_strategies(cfg.strategies, cfg):
         if spec.kind == "dense":
@@ -334,13 +350,16 @@ def _run(args: argparse.Namespace) -> int:
     out = _output_dir(args.out)
     if args.checkpoint_dir is not None:
         _check_writable(Path(args.checkpoint_dir), "--checkpoint-dir")
+    if args.model == "torchrec":
+        _check_torchrec(args)
     exp = Experiment(cfg=cfg, data=args.data, drift=args.drift, paths=list(args.paths),
                      rows_per_period=args.rows_per_period, preset=args.preset,
                      periods=periods,
                      samples_per_period=args.samples_per_period or defaults.samples_per_period,
                      batch_size=args.batch_size, max_table_rows=args.max_table_rows,
                      checkpoint_dir=args.checkpoint_dir,
-                     nproc=args.nproc, threads=args.threads, progress=not args.no_progress)
+                     nproc=args.nproc, threads=args.threads, progress=not args.no_progress,
+                     model_kind=args.model)
     _preflight(exp)
     start = time.perf_counter()
     results = run_experiment(exp)

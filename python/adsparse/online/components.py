@@ -1,13 +1,14 @@
-"""The pieces a run is built from: the model, the pruner and the metrics.
+"""The pieces a run is built from: the model, the pruner, the metrics and the placement.
 
-The trainer only sees these three factories, so tests can swap in small stand-ins; the defaults
-are the project's DLRM, ``adsparse.pruning.Pruner`` and ``adsparse.metrics.StreamingMetrics``.
+The trainer only sees these factories, so tests can swap in small stand-ins; the defaults
+are the project's DLRM, ``adsparse.pruning.Pruner``, ``adsparse.metrics.StreamingMetrics`` and
+whole models on every rank (``online/torchrec.py`` shards TorchRec's tables instead).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -16,7 +17,8 @@ from torch import nn
 
 from adsparse.data.base import Batch
 
-__all__ = ["Components", "MetricsLike", "PrunerLike", "default_components", "loss_fn"]
+__all__ = ["Components", "LocalPlacement", "MetricsLike", "Placement", "PrunerLike",
+           "default_components", "loss_fn"]
 
 
 class PrunerLike(Protocol):
@@ -40,6 +42,35 @@ class MetricsLike(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class Placement(Protocol):
+    """How a model is laid out over the ranks while it trains.
+
+    ``make_model()`` builds a *local* model (whole in this process): the pruner, ``sparsify_``
+    and distillation work on that form. ``distribute`` turns a local model and its optimizer
+    into the form that trains (for TorchRec: tables sharded over the ranks, see
+    ``online/torchrec.py``); ``gather`` makes a local copy of a trained one for a transition.
+    Both are collective: every rank calls them at the same point.
+    """
+
+    def distribute(self, model: nn.Module, opt: torch.optim.Optimizer
+                   ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
+
+    def gather(self, model: nn.Module, opt: torch.optim.Optimizer
+               ) -> tuple[nn.Module, torch.optim.Optimizer]: ...
+
+
+class LocalPlacement:
+    """Every rank holds whole models: both directions are the identity (the default)."""
+
+    def distribute(self, model: nn.Module, opt: torch.optim.Optimizer
+                   ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, opt
+
+    def gather(self, model: nn.Module, opt: torch.optim.Optimizer
+               ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        return model, opt  # a transition copies the model itself
+
+
 @dataclass
 class Components:
     """``make_model()`` must be deterministic (seed it inside): every strategy starts from it."""
@@ -47,6 +78,7 @@ class Components:
     make_model: Callable[[], nn.Module]
     make_pruner: Callable[[nn.Module, float, str, tuple[int, int]], PrunerLike]
     make_metrics: Callable[[], MetricsLike]
+    placement: Placement = field(default_factory=LocalPlacement)
 
 
 def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:

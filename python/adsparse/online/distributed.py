@@ -48,11 +48,16 @@ class DistContext:
         """Sum gradients over ranks (each rank's loss is already divided by the global batch).
 
         One flat buffer per step instead of one collective per parameter: the MLPs have a dozen
-        small tensors and a collective's latency dominates their size.
+        small tensors and a collective's latency dominates their size. A model that shards some
+        parameters over the ranks lists the ones every rank holds whole in
+        ``replicated_parameters()`` (``online/torchrec.py``); only those are summed, a shard's
+        gradient already holds every rank's rows.
         """
         if self.world == 1:
             return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        params = (model.replicated_parameters() if hasattr(model, "replicated_parameters")
+                  else model.parameters())
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from adsparse.online.components import default_components
+from adsparse.online.components import Components, default_components
 from adsparse.online.config import OnlineConfig
 from adsparse.online.distributed import DistContext, spawn
 from adsparse.online.trainer import OnlineTrainer
 
-__all__ = ["Experiment", "data_fingerprint", "make_stream", "run_experiment"]
+__all__ = ["MODEL_KINDS", "Experiment", "data_fingerprint", "make_components", "make_stream",
+           "run_experiment"]
 
 # Rows of each synthetic table. 64: every table then exists whole from the start and its IDs
 # recur often enough that the dense model gets within ~5% of the stream's Bayes NE by the end of
@@ -44,6 +45,7 @@ class Experiment:
     # stream's own, 32768).
     max_table_rows: int | None = None
     model: dict[str, Any] | None = None  # DLRM(**model) instead of the preset (tests)
+    model_kind: str = "dlrm"  # a key of MODEL_KINDS: the project's DLRM or TorchRec's
     checkpoint_dir: str | None = None
     nproc: int = 1
     # Intra-op threads per process. 1 by default: on a 2-core machine shared with other jobs,
@@ -73,6 +75,32 @@ def make_stream(exp: Experiment) -> Any:
     raise ValueError(f"unknown data {exp.data!r} (choose synthetic or criteo)")
 
 
+def _dlrm_components(stream: Any, exp: Experiment, ctx: DistContext) -> Components:
+    return default_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
+                              exp.cfg.seed, exp.model)
+
+
+def _torchrec_components(stream: Any, exp: Experiment, ctx: DistContext) -> Components:
+    from adsparse.online.torchrec import torchrec_components
+
+    if exp.checkpoint_dir is not None:
+        raise ValueError("checkpoints of TorchRec runs are not supported (their tables are "
+                         "sharded); leave out --checkpoint-dir")
+    return torchrec_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
+                               exp.cfg.seed, exp.cfg.lr, ctx, exp.cfg.device, exp.model)
+
+
+#: The model kinds ``adsparse run --model`` offers: each builds the run's components.
+MODEL_KINDS = {"dlrm": _dlrm_components, "torchrec": _torchrec_components}
+
+
+def make_components(stream: Any, exp: Experiment, ctx: DistContext | None = None) -> Components:
+    """The components of ``exp.model_kind`` for ``stream`` (``ctx``: this process's rank)."""
+    if exp.model_kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model {exp.model_kind!r}; choose from {sorted(MODEL_KINDS)}")
+    return MODEL_KINDS[exp.model_kind](stream, exp, ctx or DistContext())
+
+
 def data_fingerprint(exp: Experiment) -> dict[str, Any]:
     """Every option of ``exp`` besides the config that changes the data or the model.
 
@@ -95,8 +123,7 @@ def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> di
         # Share the cores: N ranks each with all threads would oversubscribe the machine.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.world))
     stream = make_stream(exp)
-    comps = default_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
-                               exp.cfg.seed, exp.model)
+    comps = make_components(stream, exp, ctx)
     trainer = OnlineTrainer(stream, exp.cfg, comps, ctx, exp.checkpoint_dir,
                             progress=exp.progress, data_fingerprint=data_fingerprint(exp))
     results = trainer.run()
@@ -104,6 +131,7 @@ def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> di
                              "periods": stream.num_periods,
                              "samples_per_period": exp.samples_per_period,
                              "batch_size": exp.batch_size, "nproc": exp.nproc,
+                             "model": exp.model_kind,
                              "stream": repr(stream)}
     if hasattr(stream, "malformed_rows"):
         results["experiment"]["malformed_rows"] = int(stream.malformed_rows)

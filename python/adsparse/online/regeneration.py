@@ -50,12 +50,13 @@ class SparseModel:
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], comps: Components, cfg: OnlineConfig
                         ) -> SparseModel:
-        """Rebuild from :meth:`state_dict`: the preset model, sparsified to the saved masks."""
+        """Rebuild from :meth:`state_dict`: the preset model, sparsified to the saved masks and
+        laid out over the ranks by ``comps.placement`` (collective)."""
         model = sparsify_(comps.make_model(), masks=state["masks"], block_size=cfg.block_size)
         model = load_sparse_state_dict(model, state["model"]).to(cfg.device)
         opt = make_optimizer(model, cfg.lr)
         opt.load_state_dict(state["opt"])
-        return cls(model, opt)
+        return cls(*comps.placement.distribute(model, opt))
 
 
 def block_masks(model: nn.Module) -> dict[str, torch.Tensor]:

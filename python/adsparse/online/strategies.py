@@ -64,8 +64,8 @@ class DenseTrack:
     """The dense model that trains on every batch (the reference and the source of d2s/ad2s)."""
 
     def __init__(self, comps: Components, cfg: OnlineConfig, ctx: DistContext):
-        self.model = comps.make_model().to(cfg.device)
-        self.opt = make_optimizer(self.model, cfg.lr)
+        model = comps.make_model().to(cfg.device)
+        self.model, self.opt = comps.placement.distribute(model, make_optimizer(model, cfg.lr))
         self.ctx = ctx
         self.time_s = 0.0
         self.steps = 0
@@ -204,8 +204,10 @@ class Strategy:
             return
         t = time.perf_counter()
         new = pruner_state = None
+        # The transition works on a local copy (the model itself unless its tables are sharded).
+        source, source_opt = self.comps.placement.gather(dense.model, dense.opt)
         if self.ctx.is_main:
-            new, pruner_state = transition(dense.model, dense.opt, list(buffer),
+            new, pruner_state = transition(source, source_opt, list(buffer),
                                            self.spec.density, self.method, self.pruner_state,
                                            self.comps, self.cfg)
         if self.ctx.world > 1:
@@ -213,6 +215,8 @@ class Strategy:
             state, pruner_state = self.ctx.broadcast_object(
                 (new.state_dict(), pruner_state) if self.ctx.is_main else None)
             new = SparseModel.from_state_dict(state, self.comps, self.cfg)
+        else:
+            new = SparseModel(*self.comps.placement.distribute(new.model, new.opt))
         self.pruner_state = pruner_state
         digest = mask_digest(new.model)
         digests = self.ctx.check_same(digest, f"{self.name} regenerated mask")
