@@ -22,6 +22,7 @@ the same MLP masks on every rank. The copy needs the tables to fit on one host.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -153,9 +154,16 @@ class TorchRecPlacement:
                 if isinstance(v, torch.Tensor)}
         states = {name: opt.state[p] for name, p in model.named_parameters() if p in opt.state}
         plan = self._plan(model)
-        sharded = ShardedModel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
-                               device=self.device, plan=plan,
-                               sharders=[EmbeddingBagCollectionSharder()])
+        # TorchRec logs a warning for every table on the dense kernel, which is our choice.
+        noisy = logging.getLogger("torchrec.distributed.utils")
+        level = noisy.level
+        noisy.setLevel(logging.ERROR)
+        try:
+            sharded = ShardedModel(model, env=ShardingEnv.from_process_group(dist.group.WORLD),
+                                   device=self.device, plan=plan,
+                                   sharders=[EmbeddingBagCollectionSharder()])
+        finally:
+            noisy.setLevel(level)
         current = sharded.state_dict()
         with torch.no_grad():
             for key, value in current.items():
