@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 pytest.importorskip("torchrec", reason="adsparse[torchrec] is not installed "
                                        "(make setup installs requirements-torchrec.txt)")
@@ -30,7 +31,7 @@ from adsparse.metrics import StreamingMetrics, ne
 from adsparse.models.torchrec_dlrm import ids_to_kjt, torchrec_dlrm
 from adsparse.nn import BlockSparseLinear, prunable_layers, sparsify_
 from adsparse.online import OnlineConfig, OnlineTrainer
-from adsparse.online.components import default_components, loss_fn
+from adsparse.online.components import block_pruner, loss_fn
 from adsparse.online.distributed import DistContext, spawn
 from adsparse.online.experiment import Experiment, run_experiment
 from adsparse.online.regeneration import make_optimizer
@@ -41,6 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"embedding_dim": 8, "bottom_mlp": [32, 8], "top_mlp": [48, 16, 1]}
 SIZES = [20, 7, 30, 12]
 NUM_DENSE = 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _leave_no_process_group():
+    """A 1-process TorchRec run makes its own process group; later test modules get none."""
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def tiny_model() -> torch.nn.Module:
@@ -71,7 +80,7 @@ def test_sparsify_and_pruner_on_torchrec_dlrm():
     assert "dlrm.dense_arch.model._mlp.0._linear" in layers
     assert "dlrm.over_arch.model.1" in layers
     batches = random_batches(4)
-    pruner = default_components(NUM_DENSE, SIZES).make_pruner(model, 0.3, "learned", (8, 8))
+    pruner = block_pruner(model, 0.3, "learned", (8, 8))
     masks = pruner.prune(batches, loss_fn, steps=4)
     assert masks and set(masks) <= set(layers)
     # The reference: the dense model with the pruned blocks zeroed.
@@ -144,8 +153,7 @@ def test_trainer_runs_on_torchrec_batches():
     trs = TorchRecStream(period, stream.num_periods, NUM_DENSE, SIZES, keys)
     runs = []
     for s in (trs, stream):
-        comps = torchrec_components(NUM_DENSE, SIZES, "kaggle", 0, 3e-3, DistContext(),
-                                    model=TINY)
+        comps = torchrec_components(tiny_model, 3e-3, DistContext())  # a user's own model
         runs.append(OnlineTrainer(s, _tiny_cfg(), comps, progress=False).run())
     a, b = runs
     for name, res in a["strategies"].items():
@@ -178,7 +186,7 @@ def test_ne_matches_torchrec_metrics():
 def _sharded_step_matches_local(ctx: DistContext, out: str) -> None:
     """On each rank: the tables are sharded, and DMP steps equal one process's steps."""
     torch.set_num_threads(1)
-    comps = torchrec_components(NUM_DENSE, SIZES, "kaggle", 0, 1e-2, ctx, model=TINY)
+    comps = torchrec_components(tiny_model, 1e-2, ctx)
     local = comps.make_model()
     local_opt = make_optimizer(local, 1e-2)
     fresh = comps.make_model()

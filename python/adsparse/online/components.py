@@ -18,7 +18,7 @@ from torch import nn
 from adsparse.data.base import Batch
 
 __all__ = ["Components", "LocalPlacement", "MetricsLike", "Placement", "PrunerLike",
-           "default_components", "loss_fn"]
+           "block_pruner", "default_components", "loss_fn"]
 
 
 class PrunerLike(Protocol):
@@ -86,13 +86,29 @@ def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
 
 
+def block_pruner(model: nn.Module, density: float, method: str,
+                 block_size: tuple[int, int]) -> PrunerLike:
+    """The project's :class:`adsparse.pruning.Pruner` on ``model``'s layers of at least one
+    block (every run's ``make_pruner``)."""
+    from adsparse.pruning import Pruner
+
+    bn, bk = block_size
+
+    # Layers thinner than one block (dlrm's 13-wide input layer, the 1-wide head) hold a
+    # few thousand weights between them; they stay dense rather than fail the pruner.
+    def fits(module: nn.Module, fqn: str) -> bool:
+        return module.out_features >= bn and module.in_features >= bk
+
+    return Pruner(model, density, method=method, granularity="block", block_size=(bn, bk),
+                  filter_fn=fits)
+
+
 def default_components(num_dense: int, embedding_sizes: list[int], preset: str = "kaggle",
                        seed: int = 0, model: dict[str, Any] | None = None) -> Components:
     """DLRM ``preset`` (or ``DLRM(**model)``) for the stream's features, the project pruner
     and metrics."""
     from adsparse.metrics import StreamingMetrics
     from adsparse.models import DLRM, dlrm_preset
-    from adsparse.pruning import Pruner
 
     def make_model() -> nn.Module:
         torch.manual_seed(seed)
@@ -100,16 +116,4 @@ def default_components(num_dense: int, embedding_sizes: list[int], preset: str =
             return DLRM(num_dense, embedding_sizes, **model)
         return dlrm_preset(preset, num_dense, embedding_sizes)
 
-    def make_pruner(model: nn.Module, density: float, method: str,
-                    block_size: tuple[int, int]) -> Any:
-        bn, bk = block_size
-
-        # Layers thinner than one block (dlrm's 13-wide input layer, the 1-wide head) hold a
-        # few thousand weights between them; they stay dense rather than fail the pruner.
-        def fits(module: nn.Module, fqn: str) -> bool:
-            return module.out_features >= bn and module.in_features >= bk
-
-        return Pruner(model, density, method=method, granularity="block",
-                      block_size=(bn, bk), filter_fn=fits)
-
-    return Components(make_model, make_pruner, StreamingMetrics)
+    return Components(make_model, block_pruner, StreamingMetrics)

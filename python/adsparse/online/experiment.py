@@ -81,13 +81,14 @@ def _dlrm_components(stream: Any, exp: Experiment, ctx: DistContext) -> Componen
 
 
 def _torchrec_components(stream: Any, exp: Experiment, ctx: DistContext) -> Components:
-    from adsparse.online.torchrec import torchrec_components
+    from adsparse.online.torchrec import preset_torchrec_components
 
     if exp.checkpoint_dir is not None:
         raise ValueError("checkpoints of TorchRec runs are not supported (their tables are "
                          "sharded); leave out --checkpoint-dir")
-    return torchrec_components(stream.num_dense, list(stream.embedding_sizes), exp.preset,
-                               exp.cfg.seed, exp.cfg.lr, ctx, exp.cfg.device, exp.model)
+    return preset_torchrec_components(stream.num_dense, list(stream.embedding_sizes),
+                                      exp.preset, exp.cfg.seed, exp.cfg.lr, ctx,
+                                      exp.cfg.device, exp.model)
 
 
 #: The model kinds ``adsparse run --model`` offers: each builds the run's components.

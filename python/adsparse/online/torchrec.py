@@ -38,11 +38,12 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
-from adsparse.online.components import Components, default_components
+from adsparse.online.components import Components, block_pruner
 from adsparse.online.distributed import DistContext
 from adsparse.online.regeneration import make_optimizer
 
-__all__ = ["ShardedModel", "TorchRecPlacement", "full_state_dict", "torchrec_components"]
+__all__ = ["ShardedModel", "TorchRecPlacement", "full_state_dict", "preset_torchrec_components",
+           "torchrec_components"]
 
 
 class ShardedModel(DistributedModelParallel):
@@ -215,12 +216,27 @@ class TorchRecPlacement:
         return local, local_opt
 
 
-def torchrec_components(num_dense: int, embedding_sizes: list[int], preset: str, seed: int,
-                        lr: float, ctx: DistContext, device: str = "cpu",
-                        model: dict[str, Any] | None = None) -> Components:
-    """TorchRec's DLRM with the layer sizes of ``preset`` (or ``model``: ``embedding_dim``,
-    ``bottom_mlp``, ``top_mlp``), sharded by DMP; the project's pruner and metrics (the same as
-    :func:`default_components`)."""
+def torchrec_components(make_model: Callable[[], nn.Module], lr: float, ctx: DistContext,
+                        device: str = "cpu") -> Components:
+    """The components of a run on a TorchRec model, sharded by DMP.
+
+    ``make_model()`` returns the local model: a ``TorchRecDLRM``
+    (``adsparse.models.torchrec_dlrm``), or any model called as ``(dense, ids)`` whose tables
+    are TorchRec ``EmbeddingBagCollection`` modules; it must be deterministic (seed inside).
+    The pruner and the metrics are the project's, as for its DLRM; ``lr`` is the run's
+    ``cfg.lr``.
+    """
+    from adsparse.metrics import StreamingMetrics
+
+    return Components(make_model, block_pruner, StreamingMetrics,
+                      placement=TorchRecPlacement(make_model, lr, ctx, device))
+
+
+def preset_torchrec_components(num_dense: int, embedding_sizes: list[int], preset: str,
+                               seed: int, lr: float, ctx: DistContext, device: str = "cpu",
+                               model: dict[str, Any] | None = None) -> Components:
+    """:func:`torchrec_components` for TorchRec's DLRM with the layer sizes of ``preset`` (or
+    ``model``: ``embedding_dim``, ``bottom_mlp``, ``top_mlp``), seeded with ``seed``."""
     from adsparse.models.torchrec_dlrm import torchrec_dlrm, torchrec_dlrm_preset
 
     def make_model() -> nn.Module:
@@ -229,6 +245,4 @@ def torchrec_components(num_dense: int, embedding_sizes: list[int], preset: str,
             return torchrec_dlrm(num_dense, embedding_sizes, **model, device=device)
         return torchrec_dlrm_preset(preset, num_dense, embedding_sizes, device=device)
 
-    base = default_components(num_dense, embedding_sizes, preset, seed)
-    return Components(make_model, base.make_pruner, base.make_metrics,
-                      placement=TorchRecPlacement(make_model, lr, ctx, device))
+    return torchrec_components(make_model, lr, ctx, device)
