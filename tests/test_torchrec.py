@@ -228,16 +228,49 @@ def test_two_processes_match_one():
     assert two["strategies"]["d2s"]["regenerations"]
 
 
-def test_cli_runs_torchrec_on_two_processes(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["run", "--model", "torchrec", "--nproc", "2", "--periods", "2",
-                 "--samples-per-period", "256", "--batch-size", "64", "--max-table-rows", "16",
-                 "--strategies", "dense,d2s", "--density", "0.3", "--block-size", "16",
-                 "--prune-steps", "2", "--out", str(out), "--no-progress"]) == 0
-    results = json.loads((out / "results.json").read_text())
+def test_cli_runs_torchrec_on_two_processes_and_resumes(tmp_path, capsys):
+    args = ["run", "--model", "torchrec", "--nproc", "2", "--periods", "2",
+            "--samples-per-period", "256", "--batch-size", "64", "--max-table-rows", "16",
+            "--strategies", "dense,d2s", "--density", "0.3", "--block-size", "16",
+            "--prune-steps", "2", "--checkpoint-dir", str(tmp_path / "ckpt"), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert results["world"] == 2 and results["experiment"]["model"] == "torchrec"
     regen = results["strategies"]["d2s"]["regenerations"]
     assert regen and all(g["ranks_agree"] for g in regen)
-    assert main(["run", "--model", "torchrec", "--checkpoint-dir", str(tmp_path / "c")]) == 2
-    assert "not supported with --model torchrec" in capsys.readouterr().err
+    # The same command again resumes from the (gathered) checkpoint: nothing left to run, the
+    # sharded models and the history are rebuilt from it on both ranks.
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    again = json.loads((tmp_path / "b" / "results.json").read_text())
+    for name, res in results["strategies"].items():
+        assert again["strategies"][name]["periods"] == res["periods"]
+        assert again["strategies"][name]["layer_densities"] == res["layer_densities"]
+    # The project's DLRM does not resume a TorchRec run's checkpoint.
+    dlrm = [a for a in args if a not in ("torchrec", "--model")]
+    dlrm[dlrm.index("--nproc") + 1] = "1"
+    assert main([*dlrm, "--model", "dlrm", "--out", str(tmp_path / "c")]) == 1
+    assert "model_kind: 'torchrec' -> None" in capsys.readouterr().err
 
+
+def test_resumed_run_equals_uninterrupted(tmp_path):
+    """A checkpoint holds the sharded models as plain data; a run resumed from it gives the
+    uninterrupted run's numbers."""
+    from adsparse.online.checkpoint import save_checkpoint
+
+    def trainer(**kw) -> OnlineTrainer:
+        comps = torchrec_components(tiny_model, 3e-3, DistContext())
+        return OnlineTrainer(_tiny_stream(), _tiny_cfg(), comps, progress=False, **kw)
+
+    full = trainer().run()
+    first = trainer(checkpoint_dir=str(tmp_path))
+    first._run_period(0)
+    first._run_period(1)
+    first.next_period = 2
+    save_checkpoint(tmp_path, first.state_dict())
+    resumed = trainer(checkpoint_dir=str(tmp_path)).run()
+    for name, res in full["strategies"].items():
+        got = resumed["strategies"][name]
+        for a, b in zip(res["periods"], got["periods"]):
+            assert b["ne"] == pytest.approx(a["ne"], rel=1e-5)
+        assert len(got["regenerations"]) == len(res["regenerations"])
+        assert got["layer_densities"] == res["layer_densities"]

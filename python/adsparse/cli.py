@@ -123,7 +123,7 @@ def _parser() -> _Parser:
                      help=f"DLRM layer sizes (default {exp.preset})")
     run.add_argument("--model", choices=sorted(MODEL_KINDS), default=exp.model_kind,
                      help="the project's DLRM or TorchRec's, its tables sharded over the "
-                          "--nproc processes (needs adsparse[torchrec]; CPU; no checkpoints) "
+                          "--nproc processes (needs adsparse[torchrec]; CPU) "
                           f"(default {exp.model_kind})")
     run.add_argument("--pruner", choices=METHODS,
                      default=cfg.pruner,
@@ -226,7 +226,7 @@ def _check_data_options(args: argparse.Namespace) -> None:
 
 
 def _check_torchrec(args: argparse.Namespace) -> None:
-    """``--model torchrec`` needs the extra, the CPU and no checkpoints (sharded tables)."""
+    """``--model torchrec`` needs the extra and the CPU."""
     import importlib.util
 
     if importlib.util.find_spec("torchrec") is None:
@@ -235,8 +235,6 @@ def _check_torchrec(args: argparse.Namespace) -> None:
     if args.device != "cpu":
         raise UsageError("argument --model: torchrec runs on the CPU here (the CPU build of "
                          "fbgemm_gpu)")
-    if args.checkpoint_dir is not None:
-        raise UsageError("argument --checkpoint-dir: not supported with --model torchrec")
 
 
 def _check_writable(path: Path, option: str) -> None:

@@ -83,9 +83,6 @@ def _dlrm_components(stream: Any, exp: Experiment, ctx: DistContext) -> Componen
 def _torchrec_components(stream: Any, exp: Experiment, ctx: DistContext) -> Components:
     from adsparse.online.torchrec import preset_torchrec_components
 
-    if exp.checkpoint_dir is not None:
-        raise ValueError("checkpoints of TorchRec runs are not supported (their tables are "
-                         "sharded); leave out --checkpoint-dir")
     return preset_torchrec_components(stream.num_dense, list(stream.embedding_sizes),
                                       exp.preset, exp.cfg.seed, exp.cfg.lr, ctx,
                                       exp.cfg.device, exp.model)
@@ -114,7 +111,9 @@ def data_fingerprint(exp: Experiment) -> dict[str, Any]:
             "rows_per_period": exp.rows_per_period, "preset": exp.preset, "model": exp.model,
             "periods": exp.periods if exp.data == "synthetic" else None,
             "samples_per_period": exp.samples_per_period, "batch_size": exp.batch_size,
-            "max_table_rows": exp.max_table_rows}
+            "max_table_rows": exp.max_table_rows,
+            # Only when not the default, so checkpoints written before the key existed resume.
+            **({} if exp.model_kind == "dlrm" else {"model_kind": exp.model_kind})}
 
 
 def _rank_main(ctx: DistContext, exp: Experiment, result_path: str | None) -> dict[str, Any]:

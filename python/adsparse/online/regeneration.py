@@ -20,7 +20,7 @@ from torch import nn
 from adsparse.data.base import Batch
 from adsparse.layout import BlockSparseWeight, block_mask_for_density
 from adsparse.nn import BlockSparseLinear, load_sparse_state_dict, prunable_layers, sparsify_
-from adsparse.online.components import Components, loss_fn
+from adsparse.online.components import Components, Placement, loss_fn
 from adsparse.online.config import OnlineConfig
 from adsparse.pruning.scorers import magnitude_scores
 
@@ -42,10 +42,15 @@ class SparseModel:
     model: nn.Module
     opt: torch.optim.Optimizer
 
-    def state_dict(self) -> dict[str, Any]:
-        """Plain data: the parameters, the block masks (the model's structure) and Adam."""
-        return {"model": self.model.state_dict(), "masks": block_masks(self.model),
-                "opt": self.opt.state_dict()}
+    def state_dict(self, placement: Placement | None = None) -> dict[str, Any]:
+        """Plain data: the parameters, the block masks (the model's structure) and Adam.
+
+        With ``placement``, of its local copy (collective: a sharded model is gathered).
+        """
+        model, opt = (self.model, self.opt) if placement is None else placement.gather(
+            self.model, self.opt)
+        return {"model": model.state_dict(), "masks": block_masks(model),
+                "opt": opt.state_dict()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], comps: Components, cfg: OnlineConfig

@@ -65,6 +65,7 @@ class DenseTrack:
 
     def __init__(self, comps: Components, cfg: OnlineConfig, ctx: DistContext):
         model = comps.make_model().to(cfg.device)
+        self.placement = comps.placement
         self.model, self.opt = comps.placement.distribute(model, make_optimizer(model, cfg.lr))
         self.ctx = ctx
         self.time_s = 0.0
@@ -81,12 +82,16 @@ class DenseTrack:
         return self.time_s / max(1, self.steps)
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+        """Plain data (collective: a sharded model is gathered)."""
+        model, opt = self.placement.gather(self.model, self.opt)
+        return {"model": model.state_dict(), "opt": opt.state_dict(),
                 "time_s": self.time_s, "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        model, opt = self.placement.gather(self.model, self.opt)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        self.model, self.opt = self.placement.distribute(model, opt)
         self.time_s, self.steps = state["time_s"], state["steps"]
 
 
@@ -249,8 +254,10 @@ class Strategy:
     def state_dict(self) -> dict:
         """Tensors and plain data only (checkpoints load with ``weights_only=True``)."""
         return {
-            "serving": None if self.serving is None else self.serving.state_dict(),
-            "challenger": None if self.challenger is None else self.challenger.state_dict(),
+            "serving": (None if self.serving is None
+                        else self.serving.state_dict(self.comps.placement)),
+            "challenger": (None if self.challenger is None
+                           else self.challenger.state_dict(self.comps.placement)),
             "pruner_state": self.pruner_state, "reference_mask": self.reference_mask,
             "regenerations": self.regenerations, "handovers": self.handovers,
             "windows": self.windows, "duel": self.duel, "time_s": self.time_s,

@@ -38,9 +38,10 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 
+from adsparse.nn import BlockSparseLinear, load_sparse_state_dict, sparsify_
 from adsparse.online.components import Components, block_pruner
 from adsparse.online.distributed import DistContext
-from adsparse.online.regeneration import make_optimizer
+from adsparse.online.regeneration import block_masks, make_optimizer
 
 __all__ = ["ShardedModel", "TorchRecPlacement", "full_state_dict", "preset_torchrec_components",
            "torchrec_components"]
@@ -186,13 +187,17 @@ class TorchRecPlacement:
 
     def gather(self, model: nn.Module, opt: torch.optim.Optimizer
                ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """A local, unsharded copy of ``model`` and of ``opt``'s state (collective)."""
+        """A local, unsharded copy of ``model`` (dense or block-sparse) and of ``opt``'s state
+        (collective)."""
         if not isinstance(model, ShardedModel):
             raise TypeError(f"gather takes a model this placement distributed, got "
                             f"{type(model).__name__}")
         local = self.make_model()
-        local.load_state_dict(full_state_dict(model))
-        local = local.to(self.device)
+        masks = block_masks(model)
+        if masks:  # a sparse model: the local copy gets its block-sparse layers first
+            sizes = {m.block_size for m in model.modules() if isinstance(m, BlockSparseLinear)}
+            local = sparsify_(local, masks=masks, block_size=sizes.pop())
+        local = load_sparse_state_dict(local, full_state_dict(model)).to(self.device)
         local_opt = make_optimizer(local, self.lr)
         params = dict(model.named_parameters())
         current = model.state_dict()

@@ -220,8 +220,9 @@ class OnlineTrainer:
                 self.wall_s += time.perf_counter() - t
                 self._log_period(p)
                 if self.checkpoint_dir is not None:
+                    state = self.state_dict()  # on every rank: sharded tables are gathered
                     if self.ctx.is_main:
-                        save_checkpoint(self.checkpoint_dir, self.state_dict())
+                        save_checkpoint(self.checkpoint_dir, state)
                     self.ctx.barrier()
                 if self.on_period_end is not None:
                     self.on_period_end(p)
