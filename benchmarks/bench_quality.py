@@ -3,7 +3,7 @@
     python benchmarks/bench_quality.py            # or: adsparse bench quality
     python benchmarks/bench_quality.py --quick    # a smoke run (minutes)
 
-For every drift setting (default: ``regimes`` — the default stream — and the ``none`` control)
+For every drift setting (default: ``rewire`` — the default stream — and the ``none`` control)
 and every seed (the stream's and the model's seed change together), one pass over the stream
 runs the dense reference and every strategy side by side on the same batches. Per strategy it
 reports the mean relative NE loss vs dense (``(NE - NE_dense) / NE_dense`` per period) with a
@@ -42,6 +42,7 @@ from adsparse.online import Experiment, OnlineConfig, make_stream, run_experimen
 RESULTS_DIR = default_csv(__file__, "quality_summary.csv").parent
 STRATEGIES = ["prune_once", "d2s", "d2s:r=3", "ad2s", "ad2s:handover=immediate"]
 CONTROL = ["prune_once", "d2s", "ad2s"]  # the no-drift control needs only these
+CONTROL_DRIFT = "none"
 
 # Two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
@@ -81,7 +82,7 @@ def bayes_ne(stream: Any) -> list[float]:
 def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
     """One seed of one drift setting: the run's results plus the stream's Bayes NE."""
     torch.set_num_threads(1)
-    strategies = args.strategies if drift == "regimes" else args.control_strategies
+    strategies = args.control_strategies if drift == CONTROL_DRIFT else args.strategies
     cfg = OnlineConfig(seed=seed, density=args.density, strategies=strategies,
                        prune_steps=args.prune_steps)
     exp = Experiment(cfg=cfg, drift=drift, periods=args.periods,
@@ -206,9 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     exp0, cfg0 = Experiment(), OnlineConfig()
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
-    parser.add_argument("--drifts", default="regimes,none",
+    drifts = f"{exp0.drift},{CONTROL_DRIFT}"
+    parser.add_argument("--drifts", default=drifts,
                         help=f"drift settings, comma-separated, of {', '.join(DRIFTS)} "
-                             "(default regimes,none)")
+                             f"(default {drifts}; {CONTROL_DRIFT} runs the control strategies)")
     parser.add_argument("--density", type=float, default=cfg0.density,
                         help=f"density of every sparse strategy (default {cfg0.density})")
     parser.add_argument("--strategies", default=",".join(STRATEGIES),
@@ -249,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for drift in drifts:
         start = time.perf_counter()
         runs = run_seeds(args, drift, seeds)
-        names = args.strategies if drift == "regimes" else args.control_strategies
+        names = args.control_strategies if drift == CONTROL_DRIFT else args.strategies
         rows = summarize_setting(runs, ["dense", *names])
         print(f"\n## drift={drift} ({time.perf_counter() - start:.0f} s, {args.jobs} jobs)")
         print("rel NE loss = mean over seeds x scored periods of (NE - NE_dense)/NE_dense; CIs "

@@ -15,7 +15,10 @@ The clicks come from a known ("true") model that a DLRM can represent, and that 
   weights ``w_f`` and the base rate ``b`` oscillate, and the dense MLP slides between two nets.
   The interacting pairs are drawn among mid-sized tables (65..6000 rows) whose IDs recur often
   enough for a model to learn their factors; about 30% of fields carry strong per-ID effects.
-* **Drift knob.** ``drift="regimes"`` (default) is all of the above; ``"slow"`` keeps the
+* **Drift knob.** ``drift="regimes"`` (default) is all of the above; ``"rewire"`` is the
+  same with stronger regime changes: each regime's interactions are between fields of its own
+  (disjoint pools) and 1.5x as strong, so the top-MLP inputs that matter move to other
+  columns at every change (the default of ``adsparse run``); ``"slow"`` keeps the
   gradual drifts but has no regime changes; ``"none"`` is a stationary stream (a control: one
   regime, fixed per-ID truths, popularity, field weights, dense features and base rate, every
   ID present from the start).
@@ -44,7 +47,7 @@ from adsparse.data.base import Batch
 
 __all__ = ["CRITEO_LIKE_SIZES", "DRIFTS", "SyntheticCTRStream"]
 
-DRIFTS = ("regimes", "slow", "none")  # the stream's drift settings, most drift first
+DRIFTS = ("rewire", "regimes", "slow", "none")  # the stream's drift settings, most drift first
 
 # Criteo Kaggle's 26 cardinalities, capped at 10k rows so the tables fit and the demo is fast.
 CRITEO_LIKE_SIZES = [
@@ -58,6 +61,7 @@ _DENSE_HIDDEN = 16
 _SMALL_TABLE = 64  # tables this small exist whole from the start and are never missing
 _MID_TABLE = 6000  # the largest tables that take part in the true interactions
 _POOL_FIELDS = 6  # fields whose pairs the regimes' interactions are drawn from
+_REWIRE_STRENGTH = 1.5  # "rewire": interactions this much stronger than in "regimes"
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -82,7 +86,7 @@ class SyntheticCTRStream:
         base_ctr: range of the regimes' target click rates (one is drawn per regime; the
             base logit is solved for it at the start and end of every period, so the realised
             CTR follows the target up to a slow +-0.25 logit oscillation).
-        drift: ``"regimes"``, ``"slow"`` or ``"none"`` (see the module docstring).
+        drift: ``"regimes"``, ``"rewire"``, ``"slow"`` or ``"none"`` (module docstring).
     """
 
     def __init__(
@@ -119,7 +123,7 @@ class SyntheticCTRStream:
         self.drift = drift
         # 1.0 where things move, 0.0 in the stationary control.
         self._moving = 0.0 if drift == "none" else 1.0
-        if drift != "regimes":
+        if drift not in ("regimes", "rewire"):
             regime_boundaries = []
         elif regime_boundaries is None:
             cuts = {num_periods // 3, (2 * num_periods) // 3} - {0}
@@ -174,13 +178,24 @@ class SyntheticCTRStream:
         mid = [f for f, n in enumerate(self.embedding_sizes) if _SMALL_TABLE < n <= _MID_TABLE]
         if len(mid) < _POOL_FIELDS:
             mid = list(range(nf))
-        pool = sorted(rng.choice(mid, size=min(_POOL_FIELDS, len(mid)), replace=False).tolist())
-        candidates = [(f, g) for i, f in enumerate(pool) for g in pool[i + 1:]]
-        for _ in range(self.num_regimes):
+        # "rewire": every regime has a pool of its own (disjoint while there are fields enough),
+        # so a change moves the interactions that matter to inputs the last regime did not use.
+        if self.drift == "rewire":
+            order = rng.permutation(mid).tolist()
+            size = min(_POOL_FIELDS, len(order))
+            pools = [sorted(order[(r * size + i) % len(order)] for i in range(size))
+                     for r in range(self.num_regimes)]
+            strength = _REWIRE_STRENGTH
+        else:
+            shared = sorted(rng.choice(mid, size=min(_POOL_FIELDS, len(mid)),
+                                       replace=False).tolist())
+            pools, strength = [shared] * self.num_regimes, 1.0
+        for pool in pools:
+            candidates = [(f, g) for i, f in enumerate(pool) for g in pool[i + 1:]]
             pick = rng.choice(len(candidates), size=min(pairs_per_regime, len(candidates)),
                               replace=False)
             self._regime_pairs.append([candidates[i] for i in sorted(pick)])
-            self._pair_strength.append(rng.uniform(0.8, 1.2, len(pick))
+            self._pair_strength.append(strength * rng.uniform(0.8, 1.2, len(pick))
                                        * rng.choice([-1.0, 1.0], len(pick)))
         lo, hi = base_ctr
         self._target_ctr = rng.uniform(lo, hi, self.num_regimes)

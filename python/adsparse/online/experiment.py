@@ -31,7 +31,9 @@ class Experiment:
 
     cfg: OnlineConfig = field(default_factory=OnlineConfig)
     data: str = "synthetic"  # or "criteo"
-    drift: str = "regimes"  # synthetic only: "regimes", "slow" or "none" (data.DRIFTS)
+    # synthetic only: "rewire" (each regime change moves the interactions that matter to other
+    # fields: a stale mask then costs, see docs/online.md), "regimes", "slow" or "none".
+    drift: str = "rewire"
     paths: list[str] = field(default_factory=list)
     rows_per_period: int | None = None  # criteo: None = one file per period
     preset: str = "kaggle"
