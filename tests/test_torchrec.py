@@ -33,7 +33,6 @@ from adsparse.nn import BlockSparseLinear, prunable_layers, sparsify_
 from adsparse.online import OnlineConfig, OnlineTrainer
 from adsparse.online.components import block_pruner, loss_fn
 from adsparse.online.distributed import DistContext, spawn
-from adsparse.online.experiment import Experiment, run_experiment
 from adsparse.online.regeneration import make_optimizer
 from adsparse.online.strategies import train_step
 from adsparse.online.torchrec import full_state_dict, torchrec_components
@@ -134,16 +133,17 @@ def _tiny_stream(periods: int = 3) -> SyntheticCTRStream:
                               embedding_sizes=SIZES, num_dense=NUM_DENSE)
 
 
-def _tiny_cfg() -> OnlineConfig:
-    return OnlineConfig(strategies=["prune_once", "d2s", "ad2s"], density=0.3, block_size=(8, 8),
-                        prune_steps=3, prune_batches=3, buffer_batches=3, window_batches=2,
-                        min_interval=1, max_interval=3)
+def _tiny_cfg(**kw) -> OnlineConfig:
+    base = {"strategies": ["d2s", "ad2s"], "density": 0.3, "block_size": (8, 8),
+            "prune_steps": 3, "prune_batches": 3, "buffer_batches": 3, "window_batches": 2,
+            "min_interval": 1, "max_interval": 3}
+    return OnlineConfig(**{**base, **kw})
 
 
 def test_trainer_runs_on_torchrec_batches():
     """The trainer on TorchRecStream (KJT batches) equals the trainer on the same rows as
     [B, F] IDs: the adapter loses nothing."""
-    stream = _tiny_stream()
+    stream = _tiny_stream(periods=2)
     keys = [f"cat_{f}" for f in range(len(SIZES))]
 
     def period(p: int):
@@ -154,7 +154,8 @@ def test_trainer_runs_on_torchrec_batches():
     runs = []
     for s in (trs, stream):
         comps = torchrec_components(tiny_model, 3e-3, DistContext())  # a user's own model
-        runs.append(OnlineTrainer(s, _tiny_cfg(), comps, progress=False).run())
+        runs.append(OnlineTrainer(s, _tiny_cfg(strategies=["d2s"]), comps,
+                                  progress=False).run())
     a, b = runs
     for name, res in a["strategies"].items():
         assert [r["ne"] for r in res["periods"]] == [r["ne"] for r in b["strategies"][name]
@@ -183,41 +184,41 @@ def test_ne_matches_torchrec_metrics():
     assert ne(torch.cat(labels_all), torch.cat(preds_all)) == pytest.approx(theirs, rel=1e-6)
 
 
-def _sharded_step_matches_local(ctx: DistContext, out: str) -> None:
-    """On each rank: the tables are sharded, and DMP steps equal one process's steps."""
-    torch.set_num_threads(1)
+def _train_on_ranks(ctx: DistContext, out: str) -> None:
+    """Every rank: DMP steps equal one unsharded process's steps, then the online trainer runs
+    on the sharded models; rank 0 writes what it saw."""
+    if ctx.world > 1:
+        torch.set_num_threads(1)  # two ranks on a small machine (not the pytest process)
     comps = torchrec_components(tiny_model, 1e-2, ctx)
     local = comps.make_model()
     local_opt = make_optimizer(local, 1e-2)
     fresh = comps.make_model()
     model, opt = comps.placement.distribute(fresh, make_optimizer(fresh, 1e-2))
-    one = DistContext()
     for b in random_batches(3):
-        train_step(local, local_opt, b, 64, one)
+        train_step(local, local_opt, b, 64, DistContext())
         train_step(model, opt, ctx.share(b), 64, ctx)
     owned = [n for n, p in model.named_parameters() if n in model.sharded_names and p.numel()]
     whole = full_state_dict(model)
     diff = max((whole[k] - v).abs().max().item() for k, v in local.state_dict().items())
+    cfg = _tiny_cfg()
+    results = OnlineTrainer(_tiny_stream(), cfg, torchrec_components(tiny_model, cfg.lr, ctx),
+                            ctx, progress=False).run()
     if ctx.is_main:
-        Path(out).write_text(json.dumps({"owned": len(owned), "diff": diff}))
+        Path(out).write_text(json.dumps({"owned": len(owned), "diff": diff,
+                                         "results": results}))
 
 
-def test_sharded_training_equals_one_process(tmp_path):
-    out = tmp_path / "rank0.json"
-    spawn(_sharded_step_matches_local, 2, (str(out),))
-    got = json.loads(out.read_text())
-    assert got["owned"] == len(SIZES) // 2  # rank 0 holds half the tables
-    assert got["diff"] < 1e-4
-
-
-def test_two_processes_match_one():
-    base = {"periods": 3, "samples_per_period": 256, "batch_size": 64, "max_table_rows": 16,
-            "model": TINY, "model_kind": "torchrec", "progress": False}
-    one = run_experiment(Experiment(cfg=_tiny_cfg(), nproc=1, **base))
-    two = run_experiment(Experiment(cfg=_tiny_cfg(), nproc=2, **base))
-    assert two["world"] == 2 and two["experiment"]["model"] == "torchrec"
-    for name, a in one["strategies"].items():
-        b = two["strategies"][name]
+def test_two_processes_match_one(tmp_path):
+    """Tables sharded over 2 gloo ranks: the same parameters as one unsharded process, and the
+    online trainer's masks and NE of the 1-process run."""
+    spawn(_train_on_ranks, 1, (str(tmp_path / "one.json"),))
+    spawn(_train_on_ranks, 2, (str(tmp_path / "two.json"),))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["owned"] == len(SIZES) and two["owned"] == len(SIZES) // 2  # rank 0's tables
+    assert one["diff"] < 1e-5 and two["diff"] < 1e-4
+    assert two["results"]["world"] == 2
+    for name, a in one["results"]["strategies"].items():
+        b = two["results"]["strategies"][name]
         for ra, rb in zip(a["periods"], b["periods"]):
             assert rb["count"] == ra["count"]
             assert rb["ne"] == pytest.approx(ra["ne"], rel=1e-4)
@@ -225,10 +226,11 @@ def test_two_processes_match_one():
         assert all(g["ranks_agree"] for g in regen)
         assert [g["mask_digest"] for g in regen] == [g["mask_digest"]
                                                      for g in a["regenerations"]]
-    assert two["strategies"]["d2s"]["regenerations"]
+    assert two["results"]["strategies"]["d2s"]["regenerations"]
+    assert two["results"]["strategies"]["ad2s"]["regenerations"]
 
 
-def test_cli_runs_torchrec_on_two_processes_and_resumes(tmp_path, capsys):
+def test_cli_runs_torchrec_on_two_processes(tmp_path, capsys):
     args = ["run", "--model", "torchrec", "--nproc", "2", "--periods", "2",
             "--samples-per-period", "256", "--batch-size", "64", "--max-table-rows", "16",
             "--strategies", "dense,d2s", "--density", "0.3", "--block-size", "16",
@@ -238,14 +240,8 @@ def test_cli_runs_torchrec_on_two_processes_and_resumes(tmp_path, capsys):
     assert results["world"] == 2 and results["experiment"]["model"] == "torchrec"
     regen = results["strategies"]["d2s"]["regenerations"]
     assert regen and all(g["ranks_agree"] for g in regen)
-    # The same command again resumes from the (gathered) checkpoint: nothing left to run, the
-    # sharded models and the history are rebuilt from it on both ranks.
-    assert main([*args, "--out", str(tmp_path / "b")]) == 0
-    again = json.loads((tmp_path / "b" / "results.json").read_text())
-    for name, res in results["strategies"].items():
-        assert again["strategies"][name]["periods"] == res["periods"]
-        assert again["strategies"][name]["layer_densities"] == res["layer_densities"]
-    # The project's DLRM does not resume a TorchRec run's checkpoint.
+    # Both ranks gathered the sharded tables into the checkpoint; the project's DLRM does not
+    # resume it (test_resumed_run_equals_uninterrupted resumes one).
     dlrm = [a for a in args if a not in ("torchrec", "--model")]
     dlrm[dlrm.index("--nproc") + 1] = "1"
     assert main([*dlrm, "--model", "dlrm", "--out", str(tmp_path / "c")]) == 1
