@@ -84,7 +84,7 @@ def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     strategies = args.control_strategies if drift == CONTROL_DRIFT else args.strategies
     cfg = OnlineConfig(seed=seed, density=args.density, strategies=strategies,
-                       prune_steps=args.prune_steps)
+                       prune_steps=args.prune_steps, max_backoff=args.max_backoff)
     exp = Experiment(cfg=cfg, drift=drift, periods=args.periods,
                      samples_per_period=args.samples_per_period, batch_size=args.batch_size,
                      progress=False)
@@ -228,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"mini-batch size (default {exp0.batch_size})")
     parser.add_argument("--prune-steps", type=int, default=cfg0.prune_steps,
                         help=f"steps of one pruning transition (default {cfg0.prune_steps})")
+    parser.add_argument("--max-backoff", type=int, default=cfg0.max_backoff,
+                        help="ad2s back-off after dropped challengers, 0 = none "
+                             f"(default {cfg0.max_backoff})")
     parser.add_argument("--quick", action="store_true",
                         help="2 seeds, 4 short periods: a smoke run, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,

@@ -56,6 +56,8 @@ class OnlineConfig:
     drift_bound: float = 0.5  # ad2s: ... or when this share of the serving mask would change
     min_interval: int = 4  # ad2s: windows between regenerations, at least ...
     max_interval: int = 32  # ... and at most
+    # ad2s: each dropped challenger in a row doubles both intervals, at most 2**max_backoff x
+    max_backoff: int = 3
     device: str = "cpu"
     seed: int = 0
     strategies: list[str] = field(default_factory=lambda: ["dense", "prune_once", "d2s", "ad2s"])
@@ -69,6 +71,8 @@ class OnlineConfig:
         """Raise ``ValueError`` naming the first bad knob."""
         check_density(self.density)
         check_block_size(self.block_size, "block size")
+        if self.max_backoff < 0:
+            raise ValueError(f"max_backoff must be >= 0, got {self.max_backoff}")
         if self.distill_epochs < 0:
             raise ValueError(f"distill_epochs must be >= 0, got {self.distill_epochs}")
         for name in ("prune_steps", "buffer_batches", "prune_batches", "r", "window_batches",

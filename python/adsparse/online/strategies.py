@@ -332,13 +332,11 @@ class AD2SStrategy(Strategy):
     regeneration; ``max_interval`` windows force one.
 
     Back-off: each challenger in a row that is dropped (it never beat the serving model)
-    doubles both intervals, up to ``2 ** max_backoff``; a challenger that wins resets them. A
+    doubles both intervals, up to ``2 ** cfg.max_backoff``; a challenger that wins resets them. A
     stream on which regenerating does not pay (stationary data, or a serving model whose mask
     is still good) then stops paying for transitions and for training a second sparse model,
     while the first regeneration after a change comes as early as before.
     """
-
-    max_backoff = 3
 
     def __init__(self, spec: StrategySpec, cfg: OnlineConfig, comps: Components,
                  ctx: DistContext):
@@ -349,7 +347,7 @@ class AD2SStrategy(Strategy):
         self.dropped_in_row = 0
 
     def duel_ended(self, outcome: str) -> None:
-        self.dropped_in_row = (min(self.max_backoff, self.dropped_in_row + 1)
+        self.dropped_in_row = (min(self.cfg.max_backoff, self.dropped_in_row + 1)
                                if outcome == "dropped" else 0)
 
     def end_period(self, period: int, dense: DenseTrack, buffer: deque[Batch]) -> None:
