@@ -241,6 +241,27 @@ def test_ad2s_backs_off_after_dropped_challengers():
     assert regenerated_at[-1] == 15
 
 
+def test_ad2s_trigger_replaces_a_challenger_in_flight():
+    cfg = tiny_cfg(strategies=["ad2s"], min_interval=2, max_interval=100, ne_tolerance=0.01,
+                   drift_bound=2.0, handover_windows=2, challenger_patience=50)
+    strat, dense, buffer = _lone_strategy(AD2SStrategy, cfg)
+    champion = strat.serving
+    challengers = []
+    close = {"serving": {"logloss": 0.5, "count": 10}, "challenger": {"logloss": 0.5, "count": 10}}
+    # A gap that keeps growing (a regime change the serving model cannot follow).
+    for j, gap in enumerate([0.0, 0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12]):
+        strat.windows.append({"period": 1, "batch": j, "ne_gap": gap})
+        if strat.challenger is not None:
+            strat._duel_window(1, j, close)  # never better: it would stay in flight for 50
+        strat.end_window(1, j, dense, buffer)
+        if strat.challenger is not None and (not challengers or
+                                             strat.challenger is not challengers[-1]):
+            challengers.append(strat.challenger)
+    assert len(challengers) >= 2  # the second trigger did not wait for the first challenger
+    assert strat.serving is champion and strat.handovers == []
+    assert [g["reason"] for g in strat.regenerations[1:]] == ["ne_gap"] * len(challengers)
+
+
 def test_challenger_in_flight_survives_checkpoint(tmp_path):
     stream = tiny_stream(periods=4, samples=384)
     # Patience long enough that a challenger is in flight at the period-1 checkpoint.

@@ -328,8 +328,11 @@ class AD2SStrategy(Strategy):
     whose steady gap is above the bar, and never in a model that has grown a large lead. Mask
     drift (the share of the serving blocks the dense model's current magnitude ranking would no
     longer pick, against its ranking at the last regeneration) above ``drift_bound`` fires too.
-    No trigger while a challenger is in flight or within ``min_interval`` windows of the last
-    regeneration; ``max_interval`` windows force one.
+    No trigger within ``min_interval`` windows of the last regeneration; ``max_interval``
+    windows force one. A trigger while a challenger is in flight replaces it (as in d2s: the
+    newer one comes from a dense model that has seen more data); waiting for a losing
+    challenger to run out of patience kept ad2s on a stale model for two periods after a
+    regime change.
 
     Back-off: each challenger in a row that is dropped (it never beat the serving model)
     doubles both intervals, up to ``2 ** cfg.max_backoff``; a challenger that wins resets them. A
@@ -377,8 +380,6 @@ class AD2SStrategy(Strategy):
         window.update(smoothed_gap=smooth, drift=drift,
                       baseline=self.best_smoothed if full else None)
         reason = None
-        if self.challenger is not None:
-            return
         if self.windows_since >= self.cfg.max_interval * backoff:
             reason = "max_interval"
         elif full and self.windows_since >= self.cfg.min_interval * backoff:
