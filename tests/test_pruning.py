@@ -24,6 +24,7 @@ from adsparse.pruning import (
     lamp_scores,
     magnitude_scores,
 )
+from adsparse.pruning.allocation import rank_groups, select_allocation, select_global
 from adsparse.pruning.targets import TransitionSession, cycle_batches, find_targets
 
 BLOCK = (5, 7)  # odd, and dividing none of the layer shapes below
@@ -141,6 +142,26 @@ def test_lamp_global_selection_by_hand() -> None:
     magnitude = Pruner(model, 0.5, "global", "element", min_layer_density=0.0).prune()
     assert magnitude["0"].tolist() == [[False, False], [False, True]]
     assert magnitude["1"].tolist() == [[True, True], [True, False]]
+
+
+def test_selections_from_one_ranking_equal_fresh_ones() -> None:
+    # learned ranks each layer once per round and cuts it at several sizes: the masks must be
+    # those of a fresh ranking, ties (repeated keys) and restriction to eligible groups included.
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randint(0, 5, (6, 9), generator=g).float(), torch.rand(4, 3, generator=g)]
+    sizes = [torch.full((6, 9), 4.0), torch.full((4, 3), 6.0)]
+    sizes[0][-1] = 2.0  # tail groups hold fewer real weights
+    eligible = [torch.rand(6, 9, generator=g) > 0.3, torch.ones(4, 3, dtype=torch.bool)]
+    ranked = rank_groups(keys, sizes, eligible)
+    for want in ([40.0, 30.0], [100.0, 6.0], [8.0, 60.0]):
+        fresh = select_allocation(keys, sizes, want, [8.0, 6.0], eligible=eligible)
+        cached = select_allocation(keys, sizes, want, [8.0, 6.0], eligible=eligible,
+                                   ranked=ranked)
+        assert all(torch.equal(a, b) for a, b in zip(fresh, cached))
+    for budget in (50.0, 120.0):
+        fresh = select_global(keys, sizes, budget, [8.0, 6.0], eligible=eligible)
+        cached = select_global(keys, sizes, budget, [8.0, 6.0], eligible=eligible, ranked=ranked)
+        assert all(torch.equal(a, b) for a, b in zip(fresh, cached))
 
 
 def test_cubic_schedule_by_hand() -> None:
@@ -321,8 +342,7 @@ def test_non_finite_loss_raises_with_step_and_restores_weights(method: str, phas
     assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)
 
 
-def test_bench_pruning_quick_mode_runs() -> None:
-    """The benchmark's smoke mode end to end (guards it against API drift)."""
+def _bench_pruning():
     import importlib.util
     import sys
     from pathlib import Path
@@ -335,6 +355,42 @@ def test_bench_pruning_quick_mode_runs() -> None:
         spec.loader.exec_module(bench)
     finally:
         sys.modules.pop("bench_pruning", None)
+    return bench
+
+
+def test_bench_pruning_report_merges_a_rerun_and_checks_pairing(tmp_path) -> None:
+    """A rerun of one method replaces that method's runs of a full run; files whose dense
+    references differ for a seed are not paired and are refused."""
+    bench = _bench_pruning()
+
+    def run(seed, method, ne):
+        return {"model": "mlp", "seed": seed, "granularity": "block", "density": 0.1,
+                "method": method, "ne": ne, "achieved": 0.1, "prune_s": 1.0, "total_s": 2.0,
+                "density/fc0": 0.1}
+
+    def dense(seed, ne):
+        return {**run(seed, "dense", ne), "granularity": "-", "density": 1.0}
+
+    full, rerun, other = (tmp_path / f"{n}_runs.csv" for n in ("full", "rerun", "other"))
+    bench.write_csv(full, [dense(0, 0.5), dense(1, 0.6), run(0, "gmp", 0.7), run(1, "gmp", 0.8),
+                           run(0, "learned", 0.9), run(1, "learned", 0.9)])
+    bench.write_csv(rerun, [dense(0, 0.5), dense(1, 0.6), run(0, "learned", 0.65),
+                            run(1, "learned", 0.75)])
+    runs, refs = bench.read_runs([str(full), str(rerun)])
+    assert refs == {"mlp": [0.5, 0.6]}
+    got = {(r["seed"], r["method"]): r["ne"] for r in runs}
+    assert got == {(0, "gmp"): 0.7, (1, "gmp"): 0.8, (0, "learned"): 0.65, (1, "learned"): 0.75}
+    row = next(r for r in bench.summarize(runs, refs) if r["method"] == "learned")
+    assert row["best_other"] == "gmp" and abs(row["diff_mean"] + 0.05) < 1e-12
+    assert row["rank"] == 1
+    bench.write_csv(other, [dense(0, 0.5), dense(1, 0.61), run(1, "learned", 0.7)])
+    with pytest.raises(ValueError, match="not paired"):
+        bench.read_runs([str(full), str(other)])
+
+
+def test_bench_pruning_quick_mode_runs() -> None:
+    """The benchmark's smoke mode end to end (guards it against API drift)."""
+    bench = _bench_pruning()
     out = bench.main(["--quick", "--models", "mlp", "--methods", "uniform", "learned",
                       "--granularities", "element", "--seeds", "1"])
     assert {(r["method"], r["density"]) for r in out["runs"] if r["method"] != "dense"} == {

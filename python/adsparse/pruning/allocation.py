@@ -16,8 +16,11 @@ import itertools
 
 import torch
 
-__all__ = ["allocate_removal", "lamp_scores", "lower_hull", "select_allocation", "select_global",
-           "select_uniform"]
+__all__ = ["Ranked", "allocate_removal", "lamp_scores", "lower_hull", "rank_groups",
+           "select_allocation", "select_global", "select_uniform"]
+
+Ranked = tuple[torch.Tensor, torch.Tensor]
+"""One layer's eligible groups by descending key (flat indices) and their cumulative sizes."""
 
 
 def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
@@ -39,8 +42,7 @@ def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
     return out.view(scores.shape)
 
 
-def _ranked(key: torch.Tensor, sizes: torch.Tensor, eligible: torch.Tensor | None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def _ranked(key: torch.Tensor, sizes: torch.Tensor, eligible: torch.Tensor | None) -> Ranked:
     """Flat indices of the eligible groups by descending key, and their cumulative sizes."""
     k = key.detach().flatten().double().cpu()
     if bool(torch.isnan(k).any()):
@@ -52,6 +54,13 @@ def _ranked(key: torch.Tensor, sizes: torch.Tensor, eligible: torch.Tensor | Non
     csum = torch.cat([torch.zeros(1, dtype=torch.float64),
                       sizes.flatten().double().cpu()[order].cumsum(0)])
     return order, csum
+
+
+def rank_groups(keys: list[torch.Tensor], sizes: list[torch.Tensor],
+                eligible: list[torch.Tensor] | None = None) -> list[Ranked]:
+    """Every layer's groups ranked once, for several :func:`select_allocation` calls on the same
+    keys (``ranked=``): a ranking is a sort, the costliest part of a selection."""
+    return [_ranked(k, s, e) for k, s, e in zip(keys, sizes, eligible or [None] * len(keys))]
 
 
 def _at_least(csum: torch.Tensor, want: float) -> int:
@@ -86,16 +95,16 @@ def _check_budget(kept: float, budget: float, sizes: list[torch.Tensor]) -> None
 
 
 def select_global(keys: list[torch.Tensor], sizes: list[torch.Tensor], budget: float,
-                  min_weights: list[float], eligible: list[torch.Tensor] | None = None
-                  ) -> list[torch.Tensor]:
+                  min_weights: list[float], eligible: list[torch.Tensor] | None = None,
+                  ranked: list[Ranked] | None = None) -> list[torch.Tensor]:
     """One ranking over all layers' groups by ``keys``, cut where the kept weights meet ``budget``.
 
     Each layer first keeps its best groups up to ``min_weights[l]`` real weights; the rest of
     the budget goes to the best remaining groups of all layers. ``eligible`` (optional, per
-    layer) restricts the groups that may be kept at all.
+    layer) restricts the groups that may be kept at all; ``ranked`` as in
+    :func:`select_allocation`.
     """
-    elig = eligible or [None] * len(keys)
-    ranked = [_ranked(k, s, e) for k, s, e in zip(keys, sizes, elig)]
+    ranked = ranked or rank_groups(keys, sizes, eligible)
     orders = [o for o, _ in ranked]
     first = [_at_least(c, w) for (_, c), w in zip(ranked, min_weights)]
     mandatory = sum(float(c[n]) for (_, c), n in zip(ranked, first))
@@ -130,19 +139,19 @@ def select_uniform(keys: list[torch.Tensor], sizes: list[torch.Tensor], density:
 
 
 def select_allocation(keys: list[torch.Tensor], sizes: list[torch.Tensor], want: list[float],
-                      min_weights: list[float], eligible: list[torch.Tensor] | None = None
-                      ) -> list[torch.Tensor]:
+                      min_weights: list[float], eligible: list[torch.Tensor] | None = None,
+                      ranked: list[Ranked] | None = None) -> list[torch.Tensor]:
     """Layer ``l`` keeps its best groups by ``keys`` up to about ``want[l]`` real weights.
 
     A layer can only keep whole groups, so the rounding error of each layer is carried into the
     next one's target: the global total then stays within half a group of ``sum(want)``, where
     rounding every layer independently could drift by one group per layer. Each layer keeps at
-    least ``min_weights[l]``.
+    least ``min_weights[l]``. ``ranked`` (from :func:`rank_groups` on the same ``keys``, ``sizes``
+    and ``eligible``) skips the ranking.
     """
-    elig = eligible or [None] * len(keys)
+    ranked = ranked or rank_groups(keys, sizes, eligible)
     orders, csums, counts, carry, kept = [], [], [], 0.0, 0.0
-    for key, size, e, least, w in zip(keys, sizes, elig, min_weights, want):
-        order, csum = _ranked(key, size, e)
+    for (order, csum), least, w in zip(ranked, min_weights, want):
         target = w + carry
         count = max(_closest(csum, target), _at_least(csum, least))
         carry = target - float(csum[count])

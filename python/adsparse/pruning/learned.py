@@ -29,8 +29,10 @@ from typing import Any
 import torch
 
 from adsparse.pruning.allocation import (
+    Ranked,
     allocate_removal,
     lamp_scores,
+    rank_groups,
     select_allocation,
     select_global,
 )
@@ -179,12 +181,13 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
             ratio = min(max(g / c, 1e-9), 0.85) if c > 0 else 1.0
             wants = sorted({max(least, c * ratio ** a) for a in exps} | {least}, reverse=True)
             scores = ctx.scores(t)
+            ranked = rank_groups([scores], [t.sizes], [masks[layer]])
             dldm = grads[layer].double()
             points = [(0.0, 0.0)]
             seen = {c}
             for want in wants:
                 cut = select_allocation([scores], [t.sizes], [want], [least],
-                                        eligible=[masks[layer]])[0]
+                                        eligible=[masks[layer]], ranked=ranked)[0]
                 x = _kept(t.sizes, cut)
                 if x in seen or x > c:
                     continue
@@ -236,20 +239,22 @@ def _rebalance(goal: list[float], target: float, min_weights: list[float], caps:
 
 
 def _candidates(ctx: Context, masks: list[torch.Tensor], kept: list[float], knapsack: list[float],
-                target: float, min_weights: list[float], curves: list[list[tuple[float, float]]]
-                ) -> dict[str, list[float]]:
+                target: float, min_weights: list[float], curves: list[list[tuple[float, float]]],
+                ranked: list[Ranked]) -> dict[str, list[float]]:
     """Per-layer kept weights of the allocations the round chooses from by measured loss: the
     knapsack optimum of the profiles, and the standard ones at the same cut (every layer by
     the same factor; one threshold on the scores; one on LAMP scores; halfway between the
     knapsack and the same factor), and the knapsack with no layer above 2x or 4x the same
     factor's cut (the sum of one-layer costs overrates cuts of layers in series, whose damage
-    does not add up, and so can starve one of them to spare another)."""
+    does not add up, and so can starve one of them to spare another). ``ranked``: the current
+    scores ranked within ``masks``."""
     total = sum(kept)
     same = [k * target / total for k in kept] if total else list(kept)
     live = [ctx.scores(t) * m for t, m in zip(ctx.targets, masks)]
     out = {"knapsack": knapsack, "uniform": same}
-    for name, keys in (("global", live), ("lamp", [lamp_scores(k) for k in live])):
-        cut = select_global(keys, ctx.sizes, target, min_weights, eligible=masks)
+    for name, keys, order in (("global", live, ranked),
+                              ("lamp", [lamp_scores(k) for k in live], None)):
+        cut = select_global(keys, ctx.sizes, target, min_weights, eligible=masks, ranked=order)
         out[name] = [_kept(t.sizes, m) for t, m in zip(ctx.targets, cut)]
     mix = [max(1e-9, a * b) ** 0.5 for a, b in zip(knapsack, same)]
     out["mix"] = _rebalance(mix, target, min_weights, kept)
@@ -308,10 +313,12 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
         goal = [k - d for k, d in zip(kept, removed)]
         if cfg.candidates:
             costs = {}
+            keys = [ctx.scores(t) for t in targets]
+            ranked = rank_groups(keys, sizes, masks)
             for name, want in _candidates(ctx, masks, kept, goal, target, min_weights,
-                                          curves).items():
-                cut = select_allocation([ctx.scores(t) for t in targets], sizes, want, min_weights,
-                                        eligible=masks)
+                                          curves, ranked).items():
+                cut = select_allocation(keys, sizes, want, min_weights, eligible=masks,
+                                        ranked=ranked)
                 per = joint_cost(cut)
                 costs[name] = (sum(per) / len(per), [_kept(t.sizes, m) for t, m in
                                                      zip(targets, cut)], per)
