@@ -4,6 +4,10 @@
 // kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit
 // gets its own copy compiled for its own target.
 //
+// The element type of the packed blocks is a template parameter TW of the spmm body (float for
+// the trainable layers, bf16 for the serving form): Vec::load/loadn have one overload per TW that
+// widens to the float vector, so a new block dtype is one more overload and one instantiation.
+//
 // Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
 // every depth step loads NV vectors of the packed block once and broadcasts MR values of A, so a
 // tile costs MR*NV FMAs per (NV loads + MR broadcasts). With 16x16 blocks on AVX-512 that is one
@@ -18,9 +22,9 @@ inline int clamp_width(int64_t n) {
 }
 
 // ---------------------------------------------------------------- spmm (forward, input grad)
-template <int NV, bool PARTIAL>
-void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_valid, int64_t ob,
-               int64_t col0, int64_t wv) {
+template <typename TW, int NV, bool PARTIAL>
+void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
+               int64_t ob, int64_t col0, int64_t wv) {
   using V = typename Vec::V;
   constexpr int MR = kMR;
   constexpr int W = Vec::W;
@@ -37,7 +41,7 @@ void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_va
     const int64_t blk = a.ids ? a.ids[j] : j;
     const int64_t a_off = a.idx[j] * a.depth_block;
     const int64_t depth = imin(a.depth_block, a.a_cols - a_off);
-    const float* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
+    const TW* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
     const float* aa = ap + a_off * MR;
     for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += MR) {
       V w[NV];
@@ -77,7 +81,8 @@ void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o)
 
 // Items are panel-major, so a task packs each of its panels once into `ws` (a_cols x MR floats,
 // L2-resident) right before using it, instead of packing all of A into a buffer as large as A.
-void spmm(const SpmmArgs& a, float* ws, int64_t begin, int64_t end) {
+template <typename TW>
+void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
   constexpr int W = Vec::W;
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
@@ -95,16 +100,16 @@ void spmm(const SpmmArgs& a, float* ws, int64_t begin, int64_t end) {
     while (c0 < valid) {
       const int64_t rem = valid - c0;
       if (kMaxNV >= 2 && rem >= 2 * W) {
-        spmm_tile<kMaxNV >= 2 ? 2 : 1, false>(a, ap, row0, rows_valid, ob, cbase + c0, 2 * W);
+        spmm_tile<TW, kMaxNV >= 2 ? 2 : 1, false>(a, ap, row0, rows_valid, ob, cbase + c0, 2 * W);
         c0 += 2 * W;
       } else if (kMaxNV >= 2 && rem > W) {
-        spmm_tile<kMaxNV >= 2 ? 2 : 1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
+        spmm_tile<TW, kMaxNV >= 2 ? 2 : 1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
         c0 = valid;
       } else if (rem >= W) {
-        spmm_tile<1, false>(a, ap, row0, rows_valid, ob, cbase + c0, W);
+        spmm_tile<TW, 1, false>(a, ap, row0, rows_valid, ob, cbase + c0, W);
         c0 += W;
       } else {
-        spmm_tile<1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
+        spmm_tile<TW, 1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
         c0 = valid;
       }
     }
@@ -313,4 +318,5 @@ void transpose_blocks(const float* src, float* dst, int64_t bn, int64_t bk, int6
   }
 }
 
-const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv, &transpose_blocks};
+const KernelTable kTable = {kIsaName, kMR,   &spmm<float>,     &spmm<bf16>,
+                            &sddmm,   &gemv, &transpose_blocks};
