@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace adsparse {
@@ -169,7 +170,8 @@ void backward_weight_sddmm(const KernelTable& kt, const at::Tensor& g, const at:
                    [&](int64_t b, int64_t e) { kt.sddmm(a, b, e); });
 }
 
-void quantize_rows(const at::Tensor& x, int64_t ldx, at::Tensor& qx, at::Tensor& sx) {
+void quantize_rows(const QKernelTable& qt, const at::Tensor& x, int64_t ldx, at::Tensor& qx,
+                   at::Tensor& sx) {
   const int64_t B = x.size(0), K = x.size(1);
   const float* src = x.data_ptr<float>();
   int8_t* q = qx.data_ptr<int8_t>();
@@ -179,31 +181,20 @@ void quantize_rows(const at::Tensor& x, int64_t ldx, at::Tensor& qx, at::Tensor&
     for (int64_t b = b0; b < b1; ++b) {
       const float* xr = src + b * K;
       int8_t* qr = q + b * ldx;
-      float amax = 0.0f;
-      bool finite = true;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = std::fabs(xr[k]);
-        finite &= v <= std::numeric_limits<float>::max();  // false for inf and NaN
-        amax = v > amax ? v : amax;
-      }
-      std::fill(qr, qr + ldx, static_cast<int8_t>(0));
-      if (!finite) {
-        s[b] = std::numeric_limits<float>::quiet_NaN();  // the whole row's outputs become NaN
-        continue;
-      }
-      if (amax < std::numeric_limits<float>::min()) {  // zero (or subnormal-only) row
+      const uint32_t bits = qt.absmax_bits(xr, K);
+      std::fill(qr + K, qr + ldx, static_cast<int8_t>(0));
+      float amax;
+      std::memcpy(&amax, &bits, sizeof amax);
+      if (bits >= 0x7f800000u) {  // inf or NaN: the whole row's outputs become NaN
+        s[b] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(qr, qr + K, static_cast<int8_t>(0));
+      } else if (amax < kQuantTinyRow) {  // zero (or negligible) row: 127 / amax may overflow
         s[b] = 0.0f;
-        continue;
-      }
-      const float inv = 127.0f / amax;
-      s[b] = amax / 127.0f;
-      for (int64_t k = 0; k < K; ++k) {
-        // Round half to even by the 1.5 * 2^23 trick (|v| <= 127 here), which vectorises on any
-        // x86-64, unlike nearbyint without SSE4.1; the tests' reference rounds the same way.
-        float v = xr[k] * inv;
-        v = (v + 12582912.0f) - 12582912.0f;
-        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-        qr[k] = static_cast<int8_t>(v);
+        std::fill(qr, qr + K, static_cast<int8_t>(0));
+      } else {
+        // |x * inv| <= amax * (127 / amax) < 127.5, so no value needs clamping.
+        s[b] = amax / 127.0f;
+        qt.quantize(xr, K, 127.0f / amax, qr);
       }
     }
   });

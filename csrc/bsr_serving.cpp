@@ -104,8 +104,9 @@ at::Tensor bsr_linear_serve_cpu(const at::Tensor& x_in, const at::Tensor& weight
       const int64_t ldx = std::max<int64_t>(K, C == 0 ? 0 : (C - 1) * bk + w.size(1) * kQGroup);
       at::Tensor qx = at::empty({B, ldx}, x.options().dtype(at::kChar));
       at::Tensor sx = at::empty({B}, x.options());
-      quantize_rows(x, ldx, qx, sx);
-      forward_int8(selected_qkernels(), qx, sx, w, sw.data_ptr<float>(), bn, bk, ro, ci, R, bp,
+      const QKernelTable& qt = selected_qkernels();
+      quantize_rows(qt, x, ldx, qx, sx);
+      forward_int8(qt, qx, sx, w, sw.data_ptr<float>(), bn, bk, ro, ci, R, bp,
                    relu, y);
     }
   }
@@ -120,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor qx = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
   at::Tensor sx = at::empty({x.size(0)}, x.options());
-  if (x.size(0) > 0) quantize_rows(x, x.size(1), qx, sx);
+  if (x.size(0) > 0) quantize_rows(selected_qkernels(), x, x.size(1), qx, sx);
   return {qx, sx};
 }
 

@@ -118,6 +118,11 @@ struct QKernelTable {
   // Items [begin, end) are (panel, block row) pairs, panel-major; `ws` is the calling thread's
   // scratch of panel_rows * ldx * act_bytes bytes.
   void (*qspmm)(const QArgs&, void* ws, int64_t begin, int64_t end);
+  // max over k of the bits of |x[k]| as uint32 (orders like the values; > 0x7f800000 is NaN).
+  uint32_t (*absmax_bits)(const float* x, int64_t n);
+  // q[k] = round_half_even(x[k] * inv) for |x[k] * inv| <= 127: the multiply is rounded to fp32
+  // first (never fused), so every ISA gives the same bytes.
+  void (*quantize)(const float* x, int64_t n, float inv, int8_t* q);
 };
 
 const QKernelTable& qkernels_scalar();

@@ -1,5 +1,7 @@
 // AVX2 + FMA kernels (8 floats per vector), compiled for that target by the pragma below.
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <cstring>
 
 #include "kernels.h"
@@ -91,6 +93,29 @@ struct Q {
   static inline void store_cols(Acc acc, Acc, int32_t* d) {
     const __m128i s = _mm_hadd_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d), s);
+  }
+  static constexpr int kQW = 8;
+  static inline uint32_t absmax_bits(const float* x, int64_t n) {
+    const __m256i bits = _mm256_set1_epi32(0x7fffffff);
+    __m256i m = _mm256_setzero_si256();
+    for (int64_t k = 0; k < n; k += kQW) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k));
+      m = _mm256_max_epu32(m, _mm256_and_si256(v, bits));
+    }
+    __m128i h = _mm_max_epu32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xB1));
+    return static_cast<uint32_t>(_mm_cvtsi128_si32(h));
+  }
+  static inline void quantize(const float* x, int64_t n, float inv, int8_t* q) {
+    const __m256 s = _mm256_set1_ps(inv);
+    for (int64_t k = 0; k < n; k += kQW) {
+      const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + k), s),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256i i = _mm256_cvtps_epi32(v);
+      const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(w, w));
+    }
   }
 };
 

@@ -4,6 +4,7 @@
 // VPDPBUSD with all-ones bytes per depth step, shared by the 16 rows of a tile) and subtracts
 // 128 * that sum. Compiled for this target by the pragma below; cpu_isa.cpp calls it only on
 // CPUs that report AVX512_VNNI as well as the AVX-512 features of the fp32 kernels.
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -40,6 +41,24 @@ struct Q {
   }
   static inline void store_cols(Acc acc, Acc ws, int32_t* d) {
     _mm512_storeu_si512(d, _mm512_sub_epi32(acc, _mm512_slli_epi32(ws, 7)));
+  }
+  static constexpr int kQW = 16;
+  static inline uint32_t absmax_bits(const float* x, int64_t n) {
+    const __m512i bits = _mm512_set1_epi32(0x7fffffff);
+    __m512i m = _mm512_setzero_si512();
+    for (int64_t k = 0; k < n; k += kQW) {
+      m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512(x + k), bits));
+    }
+    return _mm512_reduce_max_epu32(m);
+  }
+  static inline void quantize(const float* x, int64_t n, float inv, int8_t* q) {
+    const __m512 s = _mm512_set1_ps(inv);
+    for (int64_t k = 0; k < n; k += kQW) {
+      const __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_loadu_ps(x + k), s),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                       _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+    }
   }
 };
 

@@ -1,6 +1,8 @@
 // Portable kernels: the same code over an 8-float array type in plain C++. Compiled with the
 // baseline flags only, so it runs on any x86-64 (the compiler may still use SSE2) and elsewhere.
+#include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <cstring>
 
 #include "kernels.h"
@@ -125,6 +127,23 @@ struct Q {
   static inline Acc wsum(Acc acc, const Wv&) { return acc; }
   static inline void store_cols(const Acc& acc, const Acc&, int32_t* d) {
     for (int c = 0; c < kCols; ++c) d[c] = acc.v[c];
+  }
+  static constexpr int kQW = 8;
+  static inline uint32_t absmax_bits(const float* x, int64_t n) {
+    uint32_t r = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      uint32_t u;
+      std::memcpy(&u, x + k, sizeof u);
+      u &= 0x7fffffffu;
+      r = u > r ? u : r;
+    }
+    return r;
+  }
+  static inline void quantize(const float* x, int64_t n, float inv, int8_t* q) {
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = x[k] * inv;
+      q[k] = static_cast<int8_t>(std::nearbyint(v));
+    }
   }
 };
 

@@ -11,6 +11,8 @@
 //   madd(c,x,w)  c + per column sum_{t<4} x[t] * w[column][t], exact int32
 //   wsum(c,w)    c + per column sum_{t<4} w[column][t] (only used when kXShift != 0)
 //   store_cols(acc, wsum, dst)  the kCols int32 dot products: acc - kXShift * wsum
+//   kQW, absmax_bits(x, n), quantize(x, n, inv, q)  the activation quantization's vector parts,
+//                for n a multiple of kQW (the tails are done here, element by element)
 //
 // Everything has internal linkage, so each unit gets its own copy compiled for its own target.
 // The weights are packed once, when a layer is quantized (kernels.h, QArgs), so no call
@@ -22,12 +24,11 @@ inline int64_t qmin(int64_t a, int64_t b) { return a < b ? a : b; }
 // batch are converted: a partial panel is computed by one-row tiles, which read no other row.
 inline void pack_qpanel(const QArgs& a, int64_t p, typename Q::XA* ws) {
   using XA = typename Q::XA;
-  const int64_t row0 = p * kQMR, rv = qmin(kQMR, a.rows - row0);
-  for (int64_t i = 0; i < rv; ++i) {
-    XA* d = ws + i * a.ldx;
-    const int8_t* s = a.qx + (row0 + i) * a.ldx;
-    for (int64_t k = 0; k < a.ldx; ++k) d[k] = static_cast<XA>(s[k] + Q::kXShift);
-  }
+  // Locals, not a.ldx: stores through uint8_t may alias `a`, which kept the loop scalar.
+  const int64_t row0 = p * kQMR, rv = qmin(kQMR, a.rows - row0), ldx = a.ldx;
+  const int8_t* __restrict src = a.qx + row0 * ldx;
+  XA* __restrict dst = ws;
+  for (int64_t e = 0; e < rv * ldx; ++e) dst[e] = static_cast<XA>(src[e] + Q::kXShift);
 }
 
 // ROWS rows (xp: the first one, stride ldx) x NV accumulator vectors of block row r, starting at
@@ -117,4 +118,28 @@ void qspmm(const QArgs& a, void* ws_raw, int64_t begin, int64_t end) {
   }
 }
 
-const QKernelTable kQTable = {kIsaName, kQMR, static_cast<int>(sizeof(typename Q::XA)), &qspmm};
+// ---------------------------------------------------------------- activation quantization
+inline uint32_t abs_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return u & 0x7fffffffu;
+}
+
+uint32_t qabsmax_bits(const float* x, int64_t n) {
+  const int64_t nv = n / Q::kQW * Q::kQW;
+  uint32_t r = Q::absmax_bits(x, nv);
+  for (int64_t k = nv; k < n; ++k) r = r > abs_bits(x[k]) ? r : abs_bits(x[k]);
+  return r;
+}
+
+void qquantize(const float* x, int64_t n, float inv, int8_t* q) {
+  const int64_t nv = n / Q::kQW * Q::kQW;
+  Q::quantize(x, nv, inv, q);
+  for (int64_t k = nv; k < n; ++k) {
+    const float v = x[k] * inv;  // a separate, rounded product: nearbyint is no add to fuse
+    q[k] = static_cast<int8_t>(std::nearbyint(v));
+  }
+}
+
+const QKernelTable kQTable = {kIsaName, kQMR, static_cast<int>(sizeof(typename Q::XA)), &qspmm,
+                              &qabsmax_bits, &qquantize};

@@ -48,7 +48,7 @@ def ref_quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-row quantization, re-implemented: round half to even of x * (127 / max|x|)."""
     amax = x.abs().amax(1) if x.shape[1] else torch.zeros(x.shape[0])
     finite = torch.isfinite(x).all(1)
-    normal = amax >= torch.finfo(torch.float32).tiny
+    normal = amax >= torch.tensor(1e-30)  # smaller rows quantize to zero (scale 0)
     inv = torch.tensor(127.0) / torch.where(normal & finite, amax, torch.ones_like(amax))
     q = torch.round(x * inv[:, None]).clamp(-127, 127)
     q[~(normal & finite)] = 0
@@ -138,9 +138,11 @@ def test_large_layer_two_threads(form):
 
 
 def test_quantize_rows_matches_reference_exactly():
-    x = torch.randn(50, 37) * torch.logspace(-30, 30, 50)[:, None]
+    x = torch.randn(50, 37) * torch.logspace(-36, 36, 50)[:, None]
     x[3] = 0
     x[4] = 1e-40  # subnormal only
+    x[9] = 5e-37  # 127 / max would overflow fp32
+    x[10] = 2e-30
     x[5, 2] = float("inf")
     x[6, 0] = float("nan")
     x[7] = 2.5  # all equal
@@ -339,3 +341,24 @@ def test_int8_packing_layout():
             assert int(packed[0, kk // 4, n, kk % 4]) == want
     assert math.isclose(float(scales.max()), float(w.values.abs().amax(2).max()) / 127,
                         rel_tol=1e-6)
+
+
+def test_inference_path_under_compile_and_without_bias():
+    layer = BlockSparseLinear(random_bsr(40, 30, (8, 4), 0.5), None, None)
+    x = torch.randn(6, 30)
+    y = layer(x).detach()
+    with torch.inference_mode():
+        assert torch.equal(layer(x), y)
+        compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(x), y)
+        with pytest.raises(ValueError, match="float32"):
+            layer(x.double())
+        with pytest.raises(ValueError, match=r"x.shape\[-1\] = 31"):
+            layer(torch.randn(2, 31))
+
+
+@pytest.mark.parametrize("b", [1, 2, 5, 15, 16, 17])
+def test_bf16_small_batches_every_path(cpu_isa, b):
+    """Partial panels of bf16 blocks run one-row tiles: every batch size around the panels."""
+    layer, served = layer_pair(70, 50, (16, 16), 0.5, True, "relu", "bf16")
+    check_bf16(layer, served, torch.randn(b, 50))

@@ -130,8 +130,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(qx int8 [B, K], scale fp32 [B])``: the per-row activation quantization of the int8 form.
 
     ``qx = round(x * (127 / max|x[b]|))`` (half to even, clamped to +-127), ``scale =
-    max|x[b]| / 127``; a zero row (or one of subnormals only) gets scale 0, a row holding inf
-    or NaN scale NaN.
+    max|x[b]| / 127``; a row with ``max|x[b]| < 1e-30`` (zero, or negligible) gets scale 0 and
+    zeros, a row holding inf or NaN scale NaN.
     """
     return _OPS.quantize_rows(x)
 
