@@ -22,7 +22,7 @@ void forward_spmm(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
                   const float* bias, int relu, at::Tensor& y);
 
 // The same product over bf16 blocks wt [nnzb, bk, bn] (transposed once, when the layer was
-// converted to its serving form); x holds bf16-representable floats.
+// converted to its serving form); x is rounded to bf16 as it is packed, like the blocks were.
 void forward_spmm_bf16(const KernelTable& kt, const at::Tensor& x, const at::Tensor& wt,
                        const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
                        const float* bias, int relu, at::Tensor& y);

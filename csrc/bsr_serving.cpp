@@ -4,7 +4,7 @@
 //   float32   [nnzb, bn, bk]               the trainable layout (the small-batch inference path of
 //                                          BlockSparseLinear: gemv for B <= 3, else spmm)
 //   bfloat16  [nnzb, bk, bn]               blocks transposed once at conversion; x is rounded to
-//                                          bf16, products accumulate in fp32
+//                                          bf16 (in the packed panels), fp32 accumulation
 //   int8      [nnzb, ceil(bk/4), bn16, 4]  packed as kernels.h says, with `scales` [N] (fp32, one
 //                                          per output channel); x is quantized per row, int32
 //                                          accumulation, dequantized in the epilogue
@@ -96,8 +96,7 @@ at::Tensor bsr_linear_serve_cpu(const at::Tensor& x_in, const at::Tensor& weight
       }
       break;
     case at::kBFloat16:
-      forward_spmm_bf16(selected_kernels(), x.to(at::kBFloat16).to(at::kFloat), w, ro, ci, R, bp,
-                        relu, y);
+      forward_spmm_bf16(selected_kernels(), x, w, ro, ci, R, bp, relu, y);  // rounds x to bf16
       break;
     default: {  // int8
       const int64_t C = ceil_div(K, bk);

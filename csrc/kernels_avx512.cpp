@@ -2,6 +2,7 @@
 // -march flags, so the library still loads on CPUs without AVX-512; cpu_isa.cpp only calls this
 // table after checking the CPU's features.
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "kernels.h"

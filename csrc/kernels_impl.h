@@ -81,6 +81,19 @@ void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
 
 void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o);
 
+// Rounds floats to the nearest bfloat16 (ties to even), in place: the activations of the bf16
+// serving form, rounded in the L2-resident panel instead of in two passes over all of x. NaN
+// stays NaN (quieted, then truncated); a finite value past the largest bf16 becomes inf.
+inline void round_to_bf16(float* p, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, p + k, sizeof u);
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    std::memcpy(p + k, &u, sizeof u);
+  }
+}
+
 // The column tiles of one (rows, block-column) pair.
 template <typename TW, int ROWS>
 void spmm_cols(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
@@ -119,6 +132,7 @@ void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
     if (p != packed) {
       pack_panel(a.a, a.rows, a.a_cols, p, ws);
+      if (!std::is_same<TW, float>::value) round_to_bf16(ws, a.a_cols * kMR);
       packed = p;
     }
     const int64_t row0 = p * kMR;

@@ -2,8 +2,8 @@
 // baseline flags only, so it runs on any x86-64 (the compiler may still use SSE2) and elsewhere.
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
