@@ -15,8 +15,9 @@ CPU kernel (``csrc/bsr_serving.cpp``) reads the packed weight's dtype:
   no autograd bookkeeping at small batch).
 
 ``SERVING_DTYPES`` is the one registry of the forms (read by ``quantize_``, its errors, the
-benchmarks and the docs). The op has a fake kernel (``torch.compile``, ``torch.export``) and an
-autograd formula that raises: a serving form is not trainable.
+benchmarks and the docs). The op has a fake kernel (``torch.compile``, ``torch.export``), an
+autograd formula that raises (a serving form is not trainable) and, like every op, a Triton
+kernel for CUDA tensors (``adsparse_kernels/serving.py``).
 """
 
 from __future__ import annotations
@@ -184,6 +185,12 @@ def _no_context(ctx, inputs, output) -> None:
     pass
 
 
+_LIB = torch.library.Library("adsparse", "IMPL")  # kept alive for the process
 for _name in ("bsr_linear_serve", "quantize_rows"):
     torch.library.register_autograd(f"adsparse::{_name}", _refuse_backward,
                                     setup_context=_no_context)
+    # The Triton kernels (adsparse_kernels/serving.py) on CUDA tensors, and on CPU tensors too
+    # under ADSPARSE_BACKEND=triton, exactly as ops.py does for the training ops.
+    _LIB.impl(_name, ops._triton_kernel(_name), "CUDA")
+    if ops._BACKEND == "triton":
+        _LIB.impl(_name, ops._triton_kernel(_name), "CPU", allow_override=True)
