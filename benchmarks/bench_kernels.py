@@ -234,15 +234,28 @@ def bench_serving_forms(batch: int, density: float, budget: float) -> dict[str, 
             "dense_bf16": lambda: torch.relu(lin16(x.to(torch.bfloat16))).float(),
             "bsr_fp32": lambda: torch.relu(torch.sparse.mm(w_bsr, x.t()).t() + bias),
             "ours_fp32": lambda: layer(x),
+            "ours_fp32_nograd": lambda: _outside_inference_mode(layer, x),
             **{f"ours_{f}": (lambda m=m: m(x)) for f, m in forms.items()},
         }, budget)
-    return {"batch": batch, "density": density, **{f"{k}_ms": v[0] for k, v in t.items()}}
+    return {"batch": batch, "density": density, **{f"{k}_ms": v[0] for k, v in t.items()},
+            **{f"{k}_min_ms": v[1] for k, v in t.items()}}
 
 
-def serving_targets(rows: list[dict[str, float]]) -> list[tuple[str, float, str, bool]]:
-    """(description, measured, target, met) for issue 11's kernel targets (medians)."""
+def _outside_inference_mode(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same layer under no_grad only: its general bsr_linear entry (10 op arguments and the
+    autograd key), the path every call took before the inference path existed."""
+    with torch.inference_mode(False), torch.no_grad():
+        return layer(x)
+
+
+def serving_targets(rows: list[dict[str, float]],
+                    stat: str = "ms") -> list[tuple[str, float, str, bool]]:
+    """(description, measured, target, met) for issue 11's kernel targets, on the medians
+    (``stat="ms"``) or on the fastest repeats (``"min_ms"``)."""
     out = []
-    for r in rows:
+    for full in rows:
+        r = {**full, **{k.removesuffix(stat) + "ms": v for k, v in full.items()
+                        if k.endswith(stat)}}
         b, d = r["batch"], r["density"]
         if d == 0.1 and b >= 64:
             for base, need in (("ours_fp32", 2.0), ("dense_int8", 4.0)):
@@ -255,6 +268,8 @@ def serving_targets(rows: list[dict[str, float]]) -> list[tuple[str, float, str,
             v = r["ours_fp32_ms"] / r["ours_bf16_ms"]
             out.append((f"bf16 d=0.1 B={b} vs ours_fp32 (no vdpbf16ps)", v, ">= 1.0x", v >= 1.0))
         if d == 0.1 and b == 1:
+            v = r["ours_fp32_nograd_ms"] / r["ours_fp32_ms"]
+            out.append(("fp32 B=1 inference path vs no_grad entry", v, "> 1.0x", v > 1.0))
             us = 1e3 * r["ours_fp32_ms"]
             out.append(("fp32 B=1 inference call, us", us, "<= 12", us <= 12))
             v = r["bsr_fp32_ms"] / r["ours_fp32_ms"]
@@ -267,19 +282,28 @@ def run_serving(args: argparse.Namespace, budget: float) -> int:
     print(f"adsparse serving forms: N=K=1024, 16x16 blocks, inference mode, isa={facts['isa']}, "
           f"int8 isa={facts['int8_isa']}, threads={facts['threads']}, {facts['device']}, "
           f"load avg {facts['load']}")
-    names = ["dense_fp32", "dense_int8", "dense_bf16", "bsr_fp32", "ours_fp32", "ours_bf16",
-             "ours_int8"]
-    print(f"{'B':>5}{'dens':>6}" + "".join(f"{n:>12}" for n in names) + "   (median ms)")
+    names = ["dense_fp32", "dense_int8", "dense_bf16", "bsr_fp32", "ours_fp32_nograd",
+             "ours_fp32", "ours_bf16", "ours_int8"]
+    print(f"{'B':>5}{'dens':>6}" + "".join(f"{n.removeprefix('ours_'):>12}" for n in names)
+          + "   (median ms)")
     rows = []
     for density in SERVING_DENSITIES:
         for batch in SERVING_BATCHES:
             r = bench_serving_forms(batch, density, budget)
             rows.append(r)
-            print(f"{batch:>5}{density:>6.2f}" + "".join(f"{r[f'{n}_ms']:>12.4f}" for n in names),
-                  flush=True)
-    print("\ntargets (ratios of medians measured in the same rounds)")
-    for desc, measured, target, met in serving_targets(rows):
-        print(f"  {desc:<46}{measured:>8.2f}  target {target:<8} {'MET' if met else 'MISSED'}")
+            print(f"{batch:>5}{density:>6.2f}"
+                  + "".join(f"{r[f'{n}_ms']:>12.4f}" for n in names), flush=True)
+    print("\nfastest repeats (min ms; medians suffer most from other processes' load)")
+    for r in rows:
+        print(f"{r['batch']:>5}{r['density']:>6.2f}"
+              + "".join(f"{r[f'{n}_min_ms']:>12.4f}" for n in names))
+    print("\ntargets (ratios measured in the same rounds: medians, and fastest repeats)")
+    for (desc, med, target, met), (_, fast, _, fast_met) in zip(
+            serving_targets(rows), serving_targets(rows, "min_ms")):
+        verdict = "MET" if met else "MISSED"
+        if fast_met != met:
+            verdict += f" (on the mins: {'MET' if fast_met else 'MISSED'})"
+        print(f"  {desc:<46}{med:>8.2f} (min {fast:>7.2f})  target {target:<8} {verdict}")
     path = write_csv(args.csv or default_csv(__file__, "kernels_serving_cpu.csv"), rows, facts)
     print(f"wrote {path}; load average now {os.getloadavg()[0]:.2f}")
     return 0
