@@ -16,13 +16,16 @@ from adsparse_kernels.masked_linear import (
     masked_linear_backward_input,
     masked_linear_backward_params,
 )
+from adsparse_kernels.serving import bsr_linear_serve, quantize_rows
 
 __all__ = [
     "CALLS",
     "bsr_linear",
     "bsr_linear_backward_input",
     "bsr_linear_backward_weight",
+    "bsr_linear_serve",
     "masked_linear",
     "masked_linear_backward_input",
     "masked_linear_backward_params",
+    "quantize_rows",
 ]

@@ -1,5 +1,11 @@
 """Serving benchmark: inference of the ``wide`` DLRM, dense MLPs vs 90%-sparse block MLPs.
 
+With ``--precision``, the serving forms instead: dense fp32, dense dynamic-int8 (FBGEMM,
+``torch.ao.quantization.quantize_dynamic``), sparse fp32, sparse bf16 and sparse int8
+(``adsparse.quantize_``) end to end at B = 1, 64, 512, after a short training of the dense model
+on the synthetic stream (``--train-steps``), with the held-out NE of every sparse form; CSV
+``serving_precision.csv``.
+
 The sparse model is the dense one passed through ``adsparse.sparsify_(density=0.1,
 block_size=16x16)`` (every MLP layer keeps the 10% of its blocks of largest norm) with each
 ReLU folded into the layer before it (``fuse_relu_``). Before timing, its predictions are
@@ -10,7 +16,7 @@ under ``torch.inference_mode``; the table gives median times and the speedup, pl
 of the dense model's time spent in its MLPs (the part sparsity can remove) and the speedup of
 the MLPs alone (bottom + top, timed on the activations they see in the model).
 
-Usage: ``python benchmarks/bench_serving.py [--quick] [--threads 2] [--csv PATH]``
+Usage: ``python benchmarks/bench_serving.py [--quick] [--precision] [--threads 2] [--csv PATH]``
 (``main(argv)`` is the entry point, so ``adsparse bench serving`` runs this very file). The table
 goes to ``benchmarks/results/serving.csv`` (from an installed wheel: ``./adsparse-results/``),
 every row with the date, CPU, kernel path, threads and commit.
@@ -21,17 +27,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 from adsparse._results import default_csv, run_facts, write_csv
 from adsparse.data import SyntheticCTRStream
+from adsparse.metrics import ne
 from adsparse.models import DLRM, dlrm_preset, fuse_relu_, mlp_layers
 from adsparse.nn import sparsify_
+from adsparse.quantize import quantize_
 
 BATCHES = [1, 64, 512, 2048]
 DENSITY = 0.1
@@ -96,6 +106,89 @@ def mlp_ms(model: DLRM, dense_x: torch.Tensor, sparse_x: torch.Tensor, budget: f
         return median_ms(run, budget)
 
 
+PRECISION_BATCHES = [1, 64, 512]
+FORMS = ["dense_fp32", "dense_int8", "sparse_fp32", "sparse_bf16", "sparse_int8"]
+
+
+def train_briefly(model: DLRM, stream: SyntheticCTRStream, steps: int) -> None:
+    """A few Adam steps on period 0, so that the predictions (and NE) mean something."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    for step, batch in enumerate(stream.period(0)):
+        if step >= steps:
+            break
+        opt.zero_grad()
+        loss_fn(model(batch.dense, batch.sparse), batch.labels).backward()
+        opt.step()
+    model.eval()
+
+
+def run_precision(args: argparse.Namespace, budget: float) -> int:
+    """The serving forms end to end; 0 if sparse int8's held-out NE is within 0.1% of fp32."""
+    facts = {**run_facts(), "run": "precision",
+             "int8_isa": torch.ops.adsparse.selected_int8_isa()}
+    torch.manual_seed(0)
+    stream = SyntheticCTRStream(num_periods=2, samples_per_period=256 * args.train_steps + 4096,
+                                seed=0, batch_size=256)
+    dense = dlrm_preset("wide", stream.num_dense, stream.embedding_sizes)
+    train_briefly(dense, stream, args.train_steps)
+    print(f"adsparse serving forms: wide DLRM trained {args.train_steps} steps of 256 (the sparse "
+          f"model {args.train_steps} more after pruning), MLP density {DENSITY} "
+          f"({BLOCK[0]}x{BLOCK[1]}), "
+          f"isa={facts['isa']}, int8 isa={facts['int8_isa']}, threads={facts['threads']}, "
+          f"{facts['device']}, load avg {facts['load']}")
+    sparse = sparsify_(copy.deepcopy(dense), density=DENSITY, block_size=BLOCK)
+    train_briefly(sparse, stream, args.train_steps)  # recover from the pruning, pattern fixed
+    fuse_relu_(sparse)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dense_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(dense),
+                                                            {torch.nn.Linear}, dtype=torch.qint8)
+    models = {"dense_fp32": dense, "dense_int8": dense_int8, "sparse_fp32": sparse.eval(),
+              "sparse_bf16": quantize_(copy.deepcopy(sparse), "bf16").eval(),
+              "sparse_int8": quantize_(copy.deepcopy(sparse), "int8").eval()}
+    held_out = list(stream.period(1))[:16]
+    labels = torch.cat([b.labels for b in held_out])
+    nes = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            preds = torch.cat([model.predict(b.dense, b.sparse) for b in held_out])
+            nes[name] = ne(labels, preds)
+    print("held-out NE (" + f"{labels.numel()} samples): " +
+          ", ".join(f"{k}={v:.5f}" for k, v in nes.items()))
+    big = SyntheticCTRStream(num_periods=1, samples_per_period=max(PRECISION_BATCHES), seed=1,
+                             batch_size=max(PRECISION_BATCHES))
+    batch = next(iter(big.period(0)))
+    print(f"{'B':>5}" + "".join(f"{n:>13}" for n in FORMS) + "   (median ms, end to end)")
+    rows = []
+    for b in PRECISION_BATCHES:
+        dx, sx = batch.dense[:b].contiguous(), batch.sparse[:b].contiguous()
+        with torch.inference_mode():
+            times = paired_median_ms(
+                [lambda m=m, d=dx, s=sx: m.predict(d, s) for m in models.values()], 2 * budget)
+        row = {"batch": b, **{f"{n}_ms": t for n, t in zip(FORMS, times)},
+               **{f"{n}_ne": nes[n] for n in FORMS}}
+        rows.append(row)
+        print(f"{b:>5}" + "".join(f"{t:>13.3f}" for t in times), flush=True)
+    r = next(r for r in rows if r["batch"] == TARGET_BATCH)
+    rel = abs(nes["sparse_int8"] / nes["sparse_fp32"] - 1)
+    checks = [
+        (f"sparse int8 vs dense fp32 at B={TARGET_BATCH}",
+         r["dense_fp32_ms"] / r["sparse_int8_ms"], ">= 10x", 10.0),
+        (f"sparse int8 vs dense int8 at B={TARGET_BATCH}",
+         r["dense_int8_ms"] / r["sparse_int8_ms"], ">= 3x", 3.0),
+    ]
+    print("\ntargets (ratios of medians measured in the same rounds)")
+    for desc, v, target, need in checks:
+        print(f"  {desc:<40}{v:>7.2f}x  target {target:<6} {'MET' if v >= need else 'MISSED'}")
+    print(f"  {'sparse int8 held-out NE vs sparse fp32':<40}{100 * rel:>7.3f}%  target <= 0.1% "
+          f"{'MET' if rel <= 1e-3 else 'MISSED'}")
+    path = write_csv(args.csv or default_csv(__file__, "serving_precision.csv"), rows, facts)
+    print(f"wrote {path}; load average now {os.getloadavg()[0]:.2f}")
+    return 0 if rel <= 1e-3 else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print the table; 0 on success, 1 if predictions disagree."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -106,9 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--csv", default=None,
                    help="CSV output path (default benchmarks/results/serving.csv in a checkout, "
                         "./adsparse-results/serving.csv otherwise)")
+    p.add_argument("--precision", action="store_true",
+                   help="the serving forms (dense fp32/int8, sparse fp32/bf16/int8) instead")
+    p.add_argument("--train-steps", type=int, default=100,
+                   help="with --precision: Adam steps of 256 for the dense model, and again for "
+                        "the sparse one after pruning (default 100)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     budget = args.budget if args.budget is not None else (0.3 if args.quick else 1.5)
+    if args.precision:
+        return run_precision(args, budget)
     facts = {**run_facts(), "run": "quick" if args.quick else "full"}
     dense, sparse, masked, stream = build_models()
     print(f"adsparse serving: wide DLRM, MLP density {DENSITY} ({BLOCK[0]}x{BLOCK[1]} blocks), "

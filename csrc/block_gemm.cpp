@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
 
 namespace adsparse {
 namespace {
@@ -22,13 +25,49 @@ int64_t grain_for(double fmas_per_item) {
 int64_t ceil_panels(int64_t rows, int64_t mr) { return (rows + mr - 1) / mr; }
 
 // One scratch panel per thread; at::parallel_for tasks learn their thread from get_thread_num.
-void run_spmm(const KernelTable& kt, const SpmmArgs& a, int64_t items, int64_t grain) {
+template <typename TW>
+void run_spmm(const KernelTable& kt,
+              void (*spmm)(const SpmmArgsT<TW>&, float*, int64_t, int64_t),
+              const SpmmArgsT<TW>& a, int64_t items, int64_t grain) {
   const int64_t panel = std::max<int64_t>(a.a_cols * kt.panel_rows, 1);
   at::Tensor ws = at::empty({at::get_num_threads(), panel}, at::kFloat);
   float* wp = ws.data_ptr<float>();
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
-    kt.spmm(a, wp + at::get_thread_num() * panel, b, e);
+    spmm(a, wp + at::get_thread_num() * panel, b, e);
   });
+}
+
+// out [rows, out_cols] = act(A @ blocks + bias) over the CSR `offsets`/`idx` (ids: position of each
+// stored block in `panel`, nullptr = identity), blocks of depth x width elements of type TW.
+template <typename TW>
+void run_block_product(const KernelTable& kt,
+                       void (*spmm)(const SpmmArgsT<TW>&, float*, int64_t, int64_t),
+                       const at::Tensor& A, const TW* panel, int64_t nnzb, int64_t depth,
+                       int64_t width, const int64_t* offsets, const int64_t* idx,
+                       const int64_t* ids, int64_t num_out_blocks, const float* bias, int relu,
+                       at::Tensor& out) {
+  SpmmArgsT<TW> a;
+  a.a = A.data_ptr<float>();
+  a.rows = A.size(0);
+  a.a_cols = A.size(1);
+  a.panel = panel;
+  a.depth_block = depth;
+  a.width_block = width;
+  a.panel_stride = depth * width;
+  a.ldp = width;
+  a.offsets = offsets;
+  a.idx = idx;
+  a.ids = ids;
+  a.num_out_blocks = num_out_blocks;
+  a.bias = bias;
+  a.relu = relu;
+  a.out = out.data_ptr<float>();
+  a.out_cols = out.size(1);
+  const int64_t items = ceil_panels(a.rows, kt.panel_rows) * num_out_blocks;
+  const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
+                          static_cast<double>(nnzb) /
+                          static_cast<double>(std::max<int64_t>(num_out_blocks, 1));
+  run_spmm(kt, spmm, a, items, grain_for(per_item));
 }
 
 // a [rows][cols] -> [ceil(cols/w)][rows][w], zero-padded past cols: block column c of a with
@@ -70,29 +109,17 @@ at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values) {
 void forward_spmm(const KernelTable& kt, const at::Tensor& x, const at::Tensor& wt,
                   const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
                   const float* bias, int relu, at::Tensor& y) {
-  const int64_t B = x.size(0), K = x.size(1);
-  SpmmArgs a;
-  a.a = x.data_ptr<float>();
-  a.rows = B;
-  a.a_cols = K;
-  a.panel = wt.data_ptr<float>();
-  a.depth_block = wt.size(1);
-  a.width_block = wt.size(2);
-  a.panel_stride = a.depth_block * a.width_block;
-  a.ldp = a.width_block;
-  a.offsets = row_offsets;
-  a.idx = col_indices;
-  a.ids = nullptr;
-  a.num_out_blocks = R;
-  a.bias = bias;
-  a.relu = relu;
-  a.out = y.data_ptr<float>();
-  a.out_cols = y.size(1);
-  const int64_t items = ceil_panels(B, kt.panel_rows) * R;
-  const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
-                          static_cast<double>(wt.size(0)) /
-                          static_cast<double>(std::max<int64_t>(R, 1));
-  run_spmm(kt, a, items, grain_for(per_item));
+  run_block_product(kt, kt.spmm, x, wt.data_ptr<float>(), wt.size(0), wt.size(1), wt.size(2),
+                    row_offsets, col_indices, nullptr, R, bias, relu, y);
+}
+
+void forward_spmm_bf16(const KernelTable& kt, const at::Tensor& x, const at::Tensor& wt,
+                       const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
+                       const float* bias, int relu, at::Tensor& y) {
+  static_assert(sizeof(at::BFloat16) == sizeof(bf16), "bf16 must be at::BFloat16's layout");
+  run_block_product(kt, kt.spmm_bf16, x,
+                    reinterpret_cast<const bf16*>(wt.data_ptr<at::BFloat16>()), wt.size(0),
+                    wt.size(1), wt.size(2), row_offsets, col_indices, nullptr, R, bias, relu, y);
 }
 
 void forward_gemv(const KernelTable& kt, const at::Tensor& x, const at::Tensor& values,
@@ -120,29 +147,8 @@ void forward_gemv(const KernelTable& kt, const at::Tensor& x, const at::Tensor& 
 void backward_input_spmm(const KernelTable& kt, const at::Tensor& g, const at::Tensor& values,
                          const int64_t* t_offsets, const int64_t* t_rows, const int64_t* t_ids,
                          int64_t C, at::Tensor& dx) {
-  const int64_t B = g.size(0), N = g.size(1);
-  SpmmArgs a;
-  a.a = g.data_ptr<float>();
-  a.rows = B;
-  a.a_cols = N;
-  a.panel = values.data_ptr<float>();
-  a.depth_block = values.size(1);
-  a.width_block = values.size(2);
-  a.panel_stride = a.depth_block * a.width_block;
-  a.ldp = a.width_block;
-  a.offsets = t_offsets;
-  a.idx = t_rows;
-  a.ids = t_ids;
-  a.num_out_blocks = C;
-  a.bias = nullptr;
-  a.relu = 0;
-  a.out = dx.data_ptr<float>();
-  a.out_cols = dx.size(1);
-  const int64_t items = ceil_panels(B, kt.panel_rows) * C;
-  const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
-                          static_cast<double>(values.size(0)) /
-                          static_cast<double>(std::max<int64_t>(C, 1));
-  run_spmm(kt, a, items, grain_for(per_item));
+  run_block_product(kt, kt.spmm, g, values.data_ptr<float>(), values.size(0), values.size(1),
+                    values.size(2), t_offsets, t_rows, t_ids, C, nullptr, 0, dx);
 }
 
 void backward_weight_sddmm(const KernelTable& kt, const at::Tensor& g, const at::Tensor& x,
@@ -162,6 +168,70 @@ void backward_weight_sddmm(const KernelTable& kt, const at::Tensor& g, const at:
   a.dv = dv.data_ptr<float>();
   at::parallel_for(0, nnzb, grain_for(static_cast<double>(a.B) * bn * bk),
                    [&](int64_t b, int64_t e) { kt.sddmm(a, b, e); });
+}
+
+void quantize_rows(const QKernelTable& qt, const at::Tensor& x, int64_t ldx, at::Tensor& qx,
+                   at::Tensor& sx) {
+  const int64_t B = x.size(0), K = x.size(1);
+  const float* src = x.data_ptr<float>();
+  int8_t* q = qx.data_ptr<int8_t>();
+  float* s = sx.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(K, 1));
+  at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* xr = src + b * K;
+      int8_t* qr = q + b * ldx;
+      const uint32_t bits = qt.absmax_bits(xr, K);
+      std::fill(qr + K, qr + ldx, static_cast<int8_t>(0));
+      float amax;
+      std::memcpy(&amax, &bits, sizeof amax);
+      if (bits >= 0x7f800000u) {  // inf or NaN: the whole row's outputs become NaN
+        s[b] = std::numeric_limits<float>::quiet_NaN();
+        std::fill(qr, qr + K, static_cast<int8_t>(0));
+      } else if (amax < kQuantTinyRow) {  // zero (or negligible) row: 127 / amax may overflow
+        s[b] = 0.0f;
+        std::fill(qr, qr + K, static_cast<int8_t>(0));
+      } else {
+        // |x * inv| <= amax * (127 / amax) < 127.5, so no value needs clamping.
+        s[b] = amax / 127.0f;
+        qt.quantize(xr, K, 127.0f / amax, qr);
+      }
+    }
+  });
+}
+
+void forward_int8(const QKernelTable& qt, const at::Tensor& qx, const at::Tensor& sx,
+                  const at::Tensor& w, const float* sw, int64_t bn, int64_t bk,
+                  const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
+                  const float* bias, int relu, at::Tensor& y) {
+  QArgs a;
+  a.qx = qx.data_ptr<int8_t>();
+  a.sx = sx.data_ptr<float>();
+  a.rows = qx.size(0);
+  a.ldx = qx.size(1);
+  a.w = w.data_ptr<int8_t>();
+  a.sw = sw;
+  a.bn = bn;
+  a.bk = bk;
+  a.groups = w.size(1);
+  a.bn16 = w.size(2);
+  a.N = y.size(1);
+  a.offsets = row_offsets;
+  a.idx = col_indices;
+  a.num_out_blocks = R;
+  a.bias = bias;
+  a.relu = relu;
+  a.out = y.data_ptr<float>();
+  const int64_t panels = ceil_panels(a.rows, qt.panel_rows);
+  const int64_t ws_bytes = std::max<int64_t>(qt.panel_rows * a.ldx * qt.act_bytes, 1);
+  at::Tensor ws = at::empty({at::get_num_threads(), ws_bytes}, at::kByte);
+  uint8_t* wp = ws.data_ptr<uint8_t>();
+  const double per_item = static_cast<double>(qt.panel_rows) * a.bn16 * a.groups * kQGroup *
+                          static_cast<double>(w.size(0)) /
+                          static_cast<double>(std::max<int64_t>(R, 1));
+  at::parallel_for(0, panels * R, grain_for(per_item), [&](int64_t b, int64_t e) {
+    qt.qspmm(a, wp + at::get_thread_num() * ws_bytes, b, e);
+  });
 }
 
 at::Tensor expand_rows(const int64_t* offsets, int64_t R, int64_t nnzb) {

@@ -49,13 +49,7 @@ at::Tensor bsr_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                          "col_indices");
   TORCH_CHECK_VALUE(values.size(0) == col_indices.numel(), "values has ", values.size(0),
                     " blocks but col_indices has ", col_indices.numel());
-  at::Tensor b;
-  if (bias.has_value()) {
-    check_float_cpu(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ",
-                      bias->sizes());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, N);
   at::Tensor y = at::empty({B, N}, x.options());
   if (B == 0 || N == 0) return y;
   const KernelTable& kt = selected_kernels();

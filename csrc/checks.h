@@ -41,4 +41,13 @@ inline void check_compressed_index(const at::Tensor& offsets, const at::Tensor& 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The optional fused bias: fp32 [N] on the CPU; contiguous, or undefined when absent.
+inline at::Tensor checked_bias(const std::optional<at::Tensor>& bias, int64_t N) {
+  if (!bias.has_value()) return at::Tensor();
+  check_float_cpu(*bias, "bias");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ",
+                    bias->sizes());
+  return bias->contiguous();
+}
+
 }  // namespace adsparse

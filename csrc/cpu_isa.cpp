@@ -68,4 +68,26 @@ const KernelTable& kernels_for(Isa isa) {
 
 std::string selected_cpu_isa_op() { return isa_name(selected_isa()); }
 
+bool cpu_has_avx512_vnni() {
+  static const bool has = [] {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return best_supported_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
+const QKernelTable& qkernels_for(Isa isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::kAvx512 && cpu_has_avx512_vnni()) return qkernels_avx512_vnni();
+  if (isa == Isa::kAvx512 || isa == Isa::kAvx2) return qkernels_avx2();
+#endif
+  return qkernels_scalar();
+}
+
+std::string selected_int8_isa_op() { return selected_qkernels().name; }
+
 }  // namespace adsparse

@@ -20,6 +20,15 @@ const char* isa_name(Isa isa);
 const KernelTable& kernels_for(Isa isa);
 inline const KernelTable& selected_kernels() { return kernels_for(selected_isa()); }
 
+// The int8 serving kernels of a path: AVX-512 needs VNNI as well (else the AVX2 int8 kernels
+// run), so `ADSPARSE_CPU_ISA=avx512` on a CPU without VNNI falls back like any forced path.
+bool cpu_has_avx512_vnni();
+const QKernelTable& qkernels_for(Isa isa);
+inline const QKernelTable& selected_qkernels() { return qkernels_for(selected_isa()); }
+
+// The op adsparse::selected_int8_isa() -> str: "avx512_vnni", "avx2" or "scalar".
+std::string selected_int8_isa_op();
+
 // The op adsparse::selected_cpu_isa() -> str.
 std::string selected_cpu_isa_op();
 

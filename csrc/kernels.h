@@ -8,17 +8,26 @@
 
 namespace adsparse {
 
+// bfloat16 as the kernels see it: the upper 16 bits of a float32 (same layout as at::BFloat16,
+// which the ISA units cannot include). Widening is a 16-bit shift, so every ISA can read it.
+struct bf16 {
+  uint16_t bits;
+};
+
 // out[b, c] for one block-column of out = act(sum over the stored blocks of that block-column of
 // A[b, a_off : a_off + depth] @ panel_block + bias). Used by the forward (A = x, panel = W^T
 // blocks [bk][bn], block-columns of out = block rows of W) and by the input gradient (A = dy,
-// panel = W blocks [bn][bk] through the transposed index).
-struct SpmmArgs {
+// panel = W blocks [bn][bk] through the transposed index). TW is the element type of the packed
+// blocks (float, or bf16 for the serving form: widened to float as they are loaded; A is float
+// and the accumulation fp32 either way).
+template <typename TW>
+struct SpmmArgsT {
   const float* a;              // A [rows][a_cols]; each task packs its panels of MR rows itself
   int64_t rows;                // rows of A and out (the batch)
   int64_t a_cols;              // columns of A
-  const float* panel;          // packed blocks
-  int64_t panel_stride;        // floats per block in `panel`
-  int64_t ldp;                 // floats between consecutive depth rows of a block
+  const TW* panel;             // packed blocks
+  int64_t panel_stride;        // elements per block in `panel`
+  int64_t ldp;                 // elements between consecutive depth rows of a block
   int64_t depth_block;         // block extent along A's columns
   int64_t width_block;         // block extent along out's columns
   const int64_t* offsets;      // CSR over out block-columns: [num_out_blocks + 1]
@@ -30,6 +39,7 @@ struct SpmmArgs {
   float* out;                  // [rows][out_cols]
   int64_t out_cols;
 };
+using SpmmArgs = SpmmArgsT<float>;
 
 // dv[j] = dy[:, rows(j)]^T @ x[:, cols(j)] for every stored block j (sampled dense-dense).
 // dy and x come packed by block: the batch then streams sequentially through each block's
@@ -63,6 +73,8 @@ struct KernelTable {
   // sddmm items are stored blocks; gemv items are block rows of W.
   // `ws` is the calling thread's scratch of a_cols * MR floats for one packed panel.
   void (*spmm)(const SpmmArgs&, float* ws, int64_t begin, int64_t end);
+  // The same product over bf16 blocks (the serving form; the same body, another instantiation).
+  void (*spmm_bf16)(const SpmmArgsT<bf16>&, float* ws, int64_t begin, int64_t end);
   void (*sddmm)(const SddmmArgs&, int64_t begin, int64_t end);
   void (*gemv)(const GemvArgs&, int64_t begin, int64_t end);
   // Blocks [begin, end) of src [nnzb][bn][bk] -> dst [nnzb][bk][bn].
@@ -73,5 +85,48 @@ struct KernelTable {
 const KernelTable& kernels_scalar();
 const KernelTable& kernels_avx2();
 const KernelTable& kernels_avx512();
+
+// ---------------------------------------------------------------- int8 serving form
+// Weights of an int8 block-sparse layer, packed once when the layer is quantized:
+// [nnzb][ceil(bk/4)][bn16][4] int8, where bn16 = bn rounded up to 16 (zero columns) and each
+// group of 4 consecutive k of a column is contiguous (the operand layout of VPDPBUSD, and of
+// VPMADDWD after widening to int16). Padding (k >= bk, columns >= bn) is zero.
+constexpr int64_t kQGroup = 4;    // k per group
+constexpr int64_t kQColPad = 16;  // columns rounded up to this
+
+// y[b, n] = act(sx[b] * sw[n] * sum_k qx[b, k] * qw[n, k] + bias[n]), int32 accumulation.
+struct QArgs {
+  const int8_t* qx;            // quantized activations [rows][ldx], zero past K
+  const float* sx;             // [rows] activation scale of each row
+  int64_t rows, ldx;
+  const int8_t* w;             // packed weights (layout above)
+  const float* sw;             // [N] weight scale of each output channel
+  int64_t bn, bk, bn16, groups;  // groups = ceil(bk / 4)
+  int64_t N;
+  const int64_t* offsets;      // row_offsets [R + 1]
+  const int64_t* idx;          // col_indices [nnzb]
+  int64_t num_out_blocks;      // R
+  const float* bias;           // [N] or nullptr
+  int relu;
+  float* out;                  // [rows][N]
+};
+
+struct QKernelTable {
+  const char* name;
+  int panel_rows;         // MR: rows of qx per panel
+  int act_bytes;          // bytes per activation in the per-thread panel (int16 or uint8)
+  // Items [begin, end) are (panel, block row) pairs, panel-major; `ws` is the calling thread's
+  // scratch of panel_rows * ldx * act_bytes bytes.
+  void (*qspmm)(const QArgs&, void* ws, int64_t begin, int64_t end);
+  // max over k of the bits of |x[k]| as uint32 (orders like the values; > 0x7f800000 is NaN).
+  uint32_t (*absmax_bits)(const float* x, int64_t n);
+  // q[k] = round_half_even(x[k] * inv) for |x[k] * inv| <= 127: the multiply is rounded to fp32
+  // first (never fused), so every ISA gives the same bytes.
+  void (*quantize)(const float* x, int64_t n, float inv, int8_t* q);
+};
+
+const QKernelTable& qkernels_scalar();
+const QKernelTable& qkernels_avx2();
+const QKernelTable& qkernels_avx512_vnni();
 
 }  // namespace adsparse

@@ -2,6 +2,8 @@
 // -march flags, so the library still loads on CPUs without AVX-512; cpu_isa.cpp only calls this
 // table after checking the CPU's features.
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -27,6 +29,15 @@ struct Vec {
   static inline V load(const float* p) { return _mm512_loadu_ps(p); }
   // Masked-off lanes are not read (no fault), so tails never touch memory past the tensor.
   static inline V loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(mask(n), p); }
+  // bf16 blocks: 16 x 16 bits widened to the upper halves of 16 floats.
+  static inline V load(const bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static inline V loadn(const bf16* p, int n) {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask(n), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
   static inline V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static inline V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline V add(V a, V b) { return _mm512_add_ps(a, b); }

@@ -4,6 +4,10 @@
 // kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit
 // gets its own copy compiled for its own target.
 //
+// The element type of the packed blocks is a template parameter TW of the spmm body (float for
+// the trainable layers, bf16 for the serving form): Vec::load/loadn have one overload per TW that
+// widens to the float vector, so a new block dtype is one more overload and one instantiation.
+//
 // Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
 // every depth step loads NV vectors of the packed block once and broadcasts MR values of A, so a
 // tile costs MR*NV FMAs per (NV loads + MR broadcasts). With 16x16 blocks on AVX-512 that is one
@@ -18,11 +22,13 @@ inline int clamp_width(int64_t n) {
 }
 
 // ---------------------------------------------------------------- spmm (forward, input grad)
-template <int NV, bool PARTIAL>
-void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_valid, int64_t ob,
-               int64_t col0, int64_t wv) {
+// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 1 for the rows of a partial panel
+// of bf16 blocks: the serving form's small batches); the panel's row stride stays kMR.
+template <typename TW, int ROWS, int NV, bool PARTIAL>
+void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
+               int64_t ob, int64_t col0, int64_t wv) {
   using V = typename Vec::V;
-  constexpr int MR = kMR;
+  constexpr int MR = ROWS;
   constexpr int W = Vec::W;
   V acc[MR][NV];
 #pragma GCC unroll 32
@@ -37,9 +43,9 @@ void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_va
     const int64_t blk = a.ids ? a.ids[j] : j;
     const int64_t a_off = a.idx[j] * a.depth_block;
     const int64_t depth = imin(a.depth_block, a.a_cols - a_off);
-    const float* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
-    const float* aa = ap + a_off * MR;
-    for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += MR) {
+    const TW* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
+    const float* aa = ap + a_off * kMR;
+    for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += kMR) {
       V w[NV];
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v)
@@ -75,38 +81,66 @@ void spmm_tile(const SpmmArgs& a, const float* ap, int64_t row0, int64_t rows_va
 
 void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o);
 
+// Rounds floats to the nearest bfloat16 (ties to even), in place: the activations of the bf16
+// serving form, rounded in the L2-resident panel instead of in two passes over all of x. NaN
+// stays NaN (quieted, then truncated); a finite value past the largest bf16 becomes inf.
+inline void round_to_bf16(float* p, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, p + k, sizeof u);
+    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+    u &= 0xffff0000u;
+    std::memcpy(p + k, &u, sizeof u);
+  }
+}
+
+// The column tiles of one (rows, block-column) pair.
+template <typename TW, int ROWS>
+void spmm_cols(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
+               int64_t ob) {
+  constexpr int W = Vec::W;
+  constexpr int NV2 = kMaxNV >= 2 ? 2 : 1;
+  const int64_t cbase = ob * a.width_block;
+  const int64_t valid = imin(a.width_block, a.out_cols - cbase);
+  int64_t c0 = 0;
+  while (c0 < valid) {
+    const int64_t rem = valid - c0;
+    if (kMaxNV >= 2 && rem >= 2 * W) {
+      spmm_tile<TW, ROWS, NV2, false>(a, ap, row0, rows_valid, ob, cbase + c0, 2 * W);
+      c0 += 2 * W;
+    } else if (kMaxNV >= 2 && rem > W) {
+      spmm_tile<TW, ROWS, NV2, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
+      c0 = valid;
+    } else if (rem >= W) {
+      spmm_tile<TW, ROWS, 1, false>(a, ap, row0, rows_valid, ob, cbase + c0, W);
+      c0 += W;
+    } else {
+      spmm_tile<TW, ROWS, 1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
+      c0 = valid;
+    }
+  }
+}
+
 // Items are panel-major, so a task packs each of its panels once into `ws` (a_cols x MR floats,
 // L2-resident) right before using it, instead of packing all of A into a buffer as large as A.
-void spmm(const SpmmArgs& a, float* ws, int64_t begin, int64_t end) {
-  constexpr int W = Vec::W;
+// A partial panel of bf16 blocks (the serving form, where B = 1..15 is the common case) runs
+// one-row tiles instead of computing kMR rows for a few.
+template <typename TW>
+void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
     if (p != packed) {
       pack_panel(a.a, a.rows, a.a_cols, p, ws);
+      if (!std::is_same<TW, float>::value) round_to_bf16(ws, a.a_cols * kMR);
       packed = p;
     }
-    const float* ap = ws;
     const int64_t row0 = p * kMR;
     const int64_t rows_valid = imin(kMR, a.rows - row0);
-    const int64_t cbase = ob * a.width_block;
-    const int64_t valid = imin(a.width_block, a.out_cols - cbase);
-    int64_t c0 = 0;
-    while (c0 < valid) {
-      const int64_t rem = valid - c0;
-      if (kMaxNV >= 2 && rem >= 2 * W) {
-        spmm_tile<kMaxNV >= 2 ? 2 : 1, false>(a, ap, row0, rows_valid, ob, cbase + c0, 2 * W);
-        c0 += 2 * W;
-      } else if (kMaxNV >= 2 && rem > W) {
-        spmm_tile<kMaxNV >= 2 ? 2 : 1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
-        c0 = valid;
-      } else if (rem >= W) {
-        spmm_tile<1, false>(a, ap, row0, rows_valid, ob, cbase + c0, W);
-        c0 += W;
-      } else {
-        spmm_tile<1, true>(a, ap, row0, rows_valid, ob, cbase + c0, rem);
-        c0 = valid;
-      }
+    if (std::is_same<TW, float>::value || rows_valid == kMR) {
+      spmm_cols<TW, kMR>(a, ws, row0, rows_valid, ob);
+    } else {
+      for (int64_t i = 0; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ws + i, row0 + i, 1, ob);
     }
   }
 }
@@ -313,4 +347,5 @@ void transpose_blocks(const float* src, float* dst, int64_t bn, int64_t bk, int6
   }
 }
 
-const KernelTable kTable = {kIsaName, kMR, &spmm, &sddmm, &gemv, &transpose_blocks};
+const KernelTable kTable = {kIsaName, kMR,   &spmm<float>,     &spmm<bf16>,
+                            &sddmm,   &gemv, &transpose_blocks};

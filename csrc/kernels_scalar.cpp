@@ -1,6 +1,9 @@
 // Portable kernels: the same code over an 8-float array type in plain C++. Compiled with the
 // baseline flags only, so it runs on any x86-64 (the compiler may still use SSE2) and elsewhere.
+#include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -25,6 +28,22 @@ struct Vec {
   static inline V loadn(const float* p, int n) {
     V r;
     for (int i = 0; i < W; ++i) r.f[i] = i < n ? p[i] : 0.0f;
+    return r;
+  }
+  static inline float widen(bf16 h) {
+    const uint32_t u = static_cast<uint32_t>(h.bits) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  static inline V load(const bf16* p) {
+    V r;
+    for (int i = 0; i < W; ++i) r.f[i] = widen(p[i]);
+    return r;
+  }
+  static inline V loadn(const bf16* p, int n) {
+    V r;
+    for (int i = 0; i < W; ++i) r.f[i] = i < n ? widen(p[i]) : 0.0f;
     return r;
   }
   static inline V bcast(const float* p) {
@@ -76,8 +95,66 @@ constexpr const char* kIsaName = "scalar";
 
 #include "kernels_impl.h"
 
+// int8 in plain C++: int32 sums of int16 products of 8 columns at a time.
+struct Q {
+  using XA = int16_t;
+  static constexpr int kXShift = 0;
+  static constexpr int kCols = 8;
+  struct Acc {
+    int32_t v[kCols];
+  };
+  struct Wv {
+    int8_t b[kCols * 4];
+  };
+  static inline Acc zero() {
+    Acc r;
+    for (int c = 0; c < kCols; ++c) r.v[c] = 0;
+    return r;
+  }
+  static inline Wv loadw(const int8_t* p) {
+    Wv w;
+    std::memcpy(w.b, p, sizeof w.b);
+    return w;
+  }
+  static inline Acc madd(Acc acc, const XA* x, const Wv& w) {
+    for (int c = 0; c < kCols; ++c) {
+      int32_t s = 0;
+      for (int t = 0; t < 4; ++t) s += static_cast<int32_t>(x[t]) * w.b[c * 4 + t];
+      acc.v[c] += s;
+    }
+    return acc;
+  }
+  static inline Acc wsum(Acc acc, const Wv&) { return acc; }
+  static inline void store_cols(const Acc& acc, const Acc&, int32_t* d) {
+    for (int c = 0; c < kCols; ++c) d[c] = acc.v[c];
+  }
+  static constexpr int kQW = 8;
+  static inline uint32_t absmax_bits(const float* x, int64_t n) {
+    uint32_t r = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      uint32_t u;
+      std::memcpy(&u, x + k, sizeof u);
+      u &= 0x7fffffffu;
+      r = u > r ? u : r;
+    }
+    return r;
+  }
+  static inline void quantize(const float* x, int64_t n, float inv, int8_t* q) {
+    for (int64_t k = 0; k < n; ++k) {
+      const float v = x[k] * inv;
+      q[k] = static_cast<int8_t>(std::nearbyint(v));
+    }
+  }
+};
+
+constexpr int kQMR = 4;
+constexpr int kQMaxNV = 1;
+
+#include "qkernels_impl.h"
+
 }  // namespace
 
 const KernelTable& kernels_scalar() { return kTable; }
+const QKernelTable& qkernels_scalar() { return kQTable; }
 
 }  // namespace adsparse

@@ -171,13 +171,7 @@ at::Tensor masked_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
   check_mask(mask, bn, bk, N, K);
   TORCH_CHECK_VALUE(activation == 0 || activation == 1,
                     "activation must be 0 (none) or 1 (relu), got ", activation);
-  at::Tensor b;
-  if (bias.has_value()) {
-    check_float_cpu(*bias, "bias");
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, "bias must be [", N, "], got ",
-                      bias->sizes());
-    b = bias->contiguous();
-  }
+  const at::Tensor b = checked_bias(bias, N);
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous(), mc = mask.contiguous();
   const TilePlan p = plan_tiles(mc, bn, bk, N, K, B);
   if (p.dense) {

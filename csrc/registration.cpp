@@ -43,8 +43,19 @@ TORCH_LIBRARY(adsparse, m) {
   m.def(
       "masked_linear_backward_params(Tensor grad, Tensor x, Tensor weight, Tensor mask, "
       "int block_rows, int block_cols, bool need_weight, bool need_mask) -> (Tensor, Tensor)");
+  // Inference only: y = act(x @ W^T + b) over a layer's serving form, fp32 in and out. `weight` is
+  // float32 [nnzb, bn, bk], bfloat16 [nnzb, bk, bn] or int8 [nnzb, ceil(bk/4), bn16, 4] with
+  // per-output-channel `scales` [N] (activations quantized per row). See bsr_serving.cpp.
+  m.def(
+      "bsr_linear_serve(Tensor x, Tensor weight, Tensor? scales, Tensor row_offsets, "
+      "Tensor col_indices, Tensor? bias, int out_features, int block_rows, int block_cols, "
+      "int activation) -> Tensor");
+  // Symmetric per-row int8 quantization of x [B, K]: (qx int8 [B, K], scale fp32 [B]).
+  m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels would use now: "avx512", "avx2" or "scalar". It honours
   // ADSPARSE_CPU_ISA (read on each call); a forced path the CPU lacks reports the fallback.
   // No tensor arguments, so the implementation is registered as a catch-all with the schema.
   m.def("selected_cpu_isa() -> str", &adsparse::selected_cpu_isa_op);
+  // The same for the int8 kernels: "avx512_vnni", "avx2" or "scalar".
+  m.def("selected_int8_isa() -> str", &adsparse::selected_int8_isa_op);
 }

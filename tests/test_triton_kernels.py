@@ -311,6 +311,68 @@ def check_relu_keeps_nan():
 
 
 # --------------------------------------------------------------------------- the stack
+# --------------------------------------------------------------------------- serving forms
+def _serving_case(n: int, k: int, b: int, block: tuple[int, int], form: str,
+                  activation: str | None) -> None:
+    """A serving layer (adsparse.quantize_'s form) through the Triton kernel, against the
+    float64 product of its dequantized operands (fp32 epilogue rounding only)."""
+    import adsparse_kernels as ak
+    from adsparse.nn import BlockSparseLinear
+    from adsparse.quantize import ServingBlockSparseLinear
+
+    w = _bsr_weight(n, k, block)
+    bias = torch.randn(n)
+    served = ServingBlockSparseLinear.from_block_sparse(BlockSparseLinear(w, bias, activation),
+                                                        form)
+    x = torch.randn(b, k)
+    before = ak.CALLS["bsr_linear_serve"]
+    y = served(x)
+    assert ak.CALLS["bsr_linear_serve"] == before + 1, "the serving op did not run on Triton"
+    if form == "int8":
+        q, scale = ak.quantize_rows(x)
+        xd = q.double() * scale.double()[:, None]
+    else:
+        xd = x.bfloat16().double()
+    wd = served.dequantized(torch.float64).to_dense()
+    dot = xd @ wd.T
+    ref = _act(dot + bias.double(), activation)
+    eps = torch.finfo(torch.float32).eps
+    # int8 sums are exact (int32): only the epilogue rounds. bf16 sums in fp32: the worst-case
+    # bound of a k-term fp32 sum, (k + 4) eps times the sum of the magnitudes.
+    size = dot.abs() if form == "int8" else (k + 4) / 4 * (xd.abs() @ wd.abs().T)
+    bound = 4 * eps * (size + bias.double().abs()) + 1e-30
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"{form} {block}: max error {float(err.max()):.3e}"
+
+
+@check
+def check_serving_int8_16x16():
+    _serving_case(37, 45, 5, (16, 16), "int8", "relu")
+
+
+@check
+def check_serving_int8_24x20_and_8x4():
+    _serving_case(37, 45, 3, (24, 20), "int8", None)
+    _serving_case(37, 45, 3, (8, 4), "int8", "relu")
+
+
+@check
+def check_serving_bf16_16x32_and_1x16():
+    _serving_case(37, 45, 5, (16, 32), "bf16", "relu")
+    _serving_case(37, 45, 2, (1, 16), "bf16", None)
+
+
+@check
+def check_serving_quantize_rows():
+    import adsparse_kernels as ak
+
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, 3.5], [0.0] * 7, [1e-31] * 7,
+                      [1.0, float("inf"), 0, 0, 0, 0, 0]])
+    q, scale = ak.quantize_rows(x)
+    assert q.tolist()[:3] == [[127, 0, 2, 2, 0, -2, 4], [0] * 7, [0] * 7], q.tolist()
+    assert scale[:3].tolist() == [1.0, 0.0, 0.0] and bool(torch.isnan(scale[3]))
+
+
 @check
 def check_stack_routes_through_triton():
     """ADSPARSE_BACKEND=triton: the public ops and the modules run the Triton kernels."""
@@ -404,12 +466,23 @@ _COMPILE_CASES = [
     ("masked_linear", "_masked_linear_bwd_params_kernel", "fp32",
      dict(bn=1, bk=1, NEED_WEIGHT=True, NEED_MASK=False, REDUCE=0, BLOCK_N=64, BLOCK_K=64,
           BLOCK_B=32)),
+    ("serving", "_serve_kernel", "fp32",
+     dict(bn=16, bk=32, BN=16, BK=32, KIND=2, HAS_BIAS=True, ACT=1, USE_DOT=True, WIDEN=False,
+          BLOCK_M=64, pointers={"x_ptr": "i8", "w_ptr": "i8"})),
+    ("serving", "_serve_kernel", "fp32",
+     dict(bn=16, bk=16, BN=16, BK=16, KIND=2, HAS_BIAS=False, ACT=0, USE_DOT=True, WIDEN=True,
+          BLOCK_M=64, pointers={"x_ptr": "i8", "w_ptr": "i8"})),
+    ("serving", "_serve_kernel", "fp32",
+     dict(bn=32, bk=32, BN=32, BK=32, KIND=1, HAS_BIAS=False, ACT=0, USE_DOT=True, WIDEN=False,
+          BLOCK_M=64, pointers={"w_ptr": "bf16"})),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,kernel,dtype,consts", _COMPILE_CASES,
-                         ids=[f"{c[1]}-{c[2]}-{c[3]['bn']}x{c[3]['bk']}" for c in _COMPILE_CASES])
+                         ids=[f"{c[1]}-{c[2]}-{c[3]['bn']}x{c[3]['bk']}"
+                              + (f"-kind{c[3]['KIND']}" if "KIND" in c[3] else "")
+                              for c in _COMPILE_CASES])
 def test_compiles_for_sm90(module: str, kernel: str, dtype: str, consts: dict) -> None:
     import importlib
 
@@ -419,12 +492,16 @@ def test_compiles_for_sm90(module: str, kernel: str, dtype: str, consts: dict) -
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = getattr(importlib.import_module(f"adsparse_kernels.{module}"), kernel).fn
+    jitted = getattr(importlib.import_module(f"adsparse_kernels.{module}"), kernel)
+    fn = jitted.fn if hasattr(jitted, "configs") else jitted  # an Autotuner wraps the kernel
     consts = {"PRECISION": "ieee", **consts}
+    pointers = consts.pop("pointers", {})  # pointer dtypes that differ from `dtype`
     signature = {}
     for name in fn.arg_names:
         if name in consts:
             signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{pointers[name]}"
         elif name.endswith("_ptr"):
             index = any(word in name for word in ("offsets", "indices", "block_ids"))
             signature[name] = "*i64" if index else f"*{dtype}"

@@ -17,18 +17,23 @@ from adsparse.nn import (
     sparsify_,
 )
 from adsparse.ops import bsr_linear, masked_linear
+from adsparse.quantize import ServingBlockSparseLinear, quantize_
+from adsparse.serving_ops import SERVING_DTYPES
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SERVING_DTYPES",
     "BlockSparseLinear",
     "BlockSparseWeight",
+    "ServingBlockSparseLinear",
     "SparseLinear",
     "bsr_linear",
     "densify_",
     "load_sparse_state_dict",
     "masked_linear",
     "ops",
+    "quantize_",
     "sparsify_",
 ]
 

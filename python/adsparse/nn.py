@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from adsparse import ops
+from adsparse import ops, serving_ops
 from adsparse.checks import check_block_size, check_density
 from adsparse.layout import (
     BlockSparseWeight,
@@ -29,12 +29,18 @@ from adsparse.layout import (
 __all__ = [
     "BlockSparseLinear",
     "SparseLinear",
+    "changed_buffer",
     "densify_",
     "expand_block_mask",
     "prunable_layers",
+    "replace_layer",
     "sparsify_",
 ]
 
+# ADSPARSE_BACKEND=triton routes CPU tensors through Triton (and a bad value must raise at the
+# first op call): the inference path, a C++ op called directly, then stays out of the way.
+_CPP_CPU = ops._BACKEND != "triton" and ops._BACKEND_ERROR is None
+_OPS = torch.ops.adsparse
 _INDEX_BUFFERS = ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 _GRANULARITIES = ("block", "element")
 
@@ -56,6 +62,17 @@ def _top_blocks(dense: torch.Tensor, block_size: tuple[int, int], density: float
     if not bool(mask.any()):
         mask.view(-1)[int(scores.flatten().argmax())] = True
     return mask
+
+
+def changed_buffer(module: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str,
+                   names: tuple[str, ...]) -> str | None:
+    """The first of ``names`` whose tensor in ``state_dict`` differs from the module's buffer
+    (a checkpoint of another sparsity pattern must not load silently), else ``None``."""
+    for name in names:
+        saved = state_dict.get(prefix + name)
+        if saved is not None and not torch.equal(saved.cpu(), getattr(module, name).cpu()):
+            return name
+    return None
 
 
 class SparseLinear(nn.Module):
@@ -233,6 +250,24 @@ class BlockSparseLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+                and x.is_cpu and _CPP_CPU):
+            # The small-batch path: one inference-only op with the forward index only (no
+            # transposed index, no autograd), on the C++ kernels, which check the arguments.
+            # (Dynamo cannot trace is_inference_mode_enabled; a compiled graph has no per-call
+            # overhead to save.) The tensors come straight from the module's dicts: each
+            # nn.Module.__getattr__ costs about as much as the rest of this branch.
+            if x.dim() == 2 and x.shape[1] == self.in_features:
+                params, buffers = self._parameters, self._buffers
+                return _OPS.bsr_linear_serve(x, params["values"], None, buffers["row_offsets"],
+                                             buffers["col_indices"], params.get("bias"),
+                                             self.out_features, *self.block_size,
+                                             ops.ACTIVATIONS[self.activation])
+            return serving_ops.bsr_linear_serve(
+                x, self.values, None, self.row_offsets, self.col_indices,
+                (self.out_features, self.in_features), self.block_size, self.bias,
+                self.activation,
+            )
         return ops.bsr_linear_indexed(
             x, self.values, self.row_offsets, self.col_indices, self.t_row_offsets,
             self.t_col_indices, self.t_block_ids, (self.out_features, self.in_features),
@@ -268,17 +303,16 @@ class BlockSparseLinear(nn.Module):
             return
         # All five index tensors: the transposed index (t_*) drives the input gradient, so a
         # checkpoint whose t_* disagree with its own forward index must not load silently.
-        for name in _INDEX_BUFFERS:
-            saved = state_dict.get(prefix + name)
-            if saved is not None and not torch.equal(saved.cpu(), getattr(self, name).cpu()):
-                what = ("sparsity pattern" if name in ("row_offsets", "col_indices")
-                        else "transposed index")
-                error_msgs.append(
-                    f"BlockSparseLinear {layer}: the checkpoint's {what} ({name}) "
-                    "differs from the module's; rebuild the module with "
-                    "adsparse.nn.load_sparse_state_dict (which also validates the index)"
-                )
-                return
+        name = changed_buffer(self, state_dict, prefix, _INDEX_BUFFERS)
+        if name is not None:
+            what = ("sparsity pattern" if name in ("row_offsets", "col_indices")
+                    else "transposed index")
+            error_msgs.append(
+                f"BlockSparseLinear {layer}: the checkpoint's {what} ({name}) "
+                "differs from the module's; rebuild the module with "
+                "adsparse.nn.load_sparse_state_dict (which also validates the index)"
+            )
+            return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -303,7 +337,7 @@ def prunable_layers(
             if isinstance(m, types) and (filter_fn is None or filter_fn(m, fqn))]
 
 
-def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
+def replace_layer(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
     """Put ``new`` in every place that holds ``old``, so a layer used twice (tied weights,
     ``Sequential(l, ReLU(), l)``) stays one shared layer; returns the (possibly new) root."""
     if model is old:
@@ -313,6 +347,9 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module:
             if child is old:
                 setattr(parent, name, new)
     return model
+
+
+_replace = replace_layer  # the name the tests used before it was public
 
 
 def _names(model: nn.Module, types: tuple[type, ...]) -> dict[int, list[str]]:
@@ -369,7 +406,7 @@ def sparsify_(model: nn.Module, density: float | None = None,
                                                block_size=block_size)
         except ValueError as err:
             raise ValueError(f"layer {fqn!r}: {err}") from err
-        model = _replace(model, module, new)
+        model = replace_layer(model, module, new)
     return model
 
 
@@ -377,7 +414,7 @@ def densify_(model: nn.Module, filter_fn: FilterFn | None = None) -> nn.Module:
     """Replace every :class:`BlockSparseLinear` by the equivalent ``nn.Linear``, in place
     (a layer used in several places becomes one shared ``nn.Linear``)."""
     for _, module in prunable_layers(model, filter_fn, types=(BlockSparseLinear,)):
-        model = _replace(model, module, module.to_dense())
+        model = replace_layer(model, module, module.to_dense())
     return model
 
 
@@ -399,6 +436,6 @@ def load_sparse_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
                                    index["t_block_ids"])
         bias = state_dict.get(prefix + "bias")
         new = BlockSparseLinear(weight, bias, module.activation).to(module.values.device)
-        model = _replace(model, module, new)
+        model = replace_layer(model, module, new)
     model.load_state_dict(state_dict, strict=strict)
     return model
