@@ -66,34 +66,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adsparse import metrics
+from adsparse.metrics import mean_ci
 from adsparse.nn import SparseLinear
 from adsparse.pruning import METHODS, LearnedConfig, Pruner
 
 RESULTS = Path(__file__).resolve().parent / "results"
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
-
-
-def t975(df: int) -> float:
-    if df in T975:
-        return T975[df]
-    return T975[max(k for k in T975 if k <= df)] if df < 30 else 1.96
-
-
-def mean_ci(xs: Sequence[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (0 for a single value)."""
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, 0.0
-    return m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def normalized_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean log-loss divided by the entropy of the mean label (TorchRec's NE)."""
-    logloss = F.binary_cross_entropy_with_logits(logits.double(), labels.double())
-    p = labels.double().mean().clamp(1e-12, 1 - 1e-12)
-    base = -(p * p.log() + (1 - p) * (1 - p).log())
-    return float(logloss / base)
+    """NE of a model's logits (``adsparse.metrics.ne``; sigmoid in float64 so that confident
+    logits keep their precision)."""
+    return metrics.ne(labels, torch.sigmoid(logits.double()))
 
 
 # --------------------------------------------------------------------------- the MLP task

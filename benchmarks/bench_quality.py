@@ -36,37 +36,13 @@ import torch
 
 from adsparse._results import default_csv
 from adsparse.data import DRIFTS
-from adsparse.metrics import StreamingMetrics, relative_ne
+from adsparse.metrics import StreamingMetrics, mean_ci, relative_ne
 from adsparse.online import Experiment, OnlineConfig, make_stream, run_experiment
 
 RESULTS_DIR = default_csv(__file__, "quality_summary.csv").parent
 STRATEGIES = ["prune_once", "d2s", "d2s:r=3", "ad2s", "ad2s:handover=immediate"]
 CONTROL = ["prune_once", "d2s", "ad2s"]  # the no-drift control needs only these
 CONTROL_DRIFT = "none"
-
-# Two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
-def t95(df: int) -> float:
-    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
-    if df < 1:
-        return math.nan
-    known = [k for k in _T95 if k <= df]
-    return _T95[max(known)] if df <= 30 else 1.96
-
-
-def mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% t-interval (NaN half-width for fewer than 2 values)."""
-    vals = [v for v in values if math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    m = statistics.fmean(vals)
-    if len(vals) < 2:
-        return m, math.nan
-    return m, t95(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
-
 
 def bayes_ne(stream: Any) -> list[float]:
     """NE of the true click probabilities, per period (the floor no model can beat)."""

@@ -13,8 +13,10 @@ from adsparse.metrics import (
     auc,
     calibration,
     logloss,
+    mean_ci,
     ne,
     relative_ne,
+    t95,
 )
 
 
@@ -182,3 +184,15 @@ def test_windowed_by_batches():
         WindowedMetrics(0)
     with pytest.raises(ValueError):
         WindowedMetrics(5, unit="days")
+
+
+def test_mean_ci_is_the_95_percent_t_interval():
+    # 5 values: mean 3, sample sd sqrt(2.5), t(4) = 2.776.
+    m, half = mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and half == pytest.approx(2.776 * math.sqrt(2.5) / math.sqrt(5))
+    m, half = mean_ci([2.0, math.nan, 4.0, math.inf])  # non-finite values are left out
+    assert m == 3.0 and half == pytest.approx(12.706 * math.sqrt(2.0) / math.sqrt(2))
+    assert math.isnan(mean_ci([7.0])[1]) and mean_ci([7.0])[0] == 7.0
+    assert all(math.isnan(x) for x in mean_ci([]))
+    # Between tabulated degrees of freedom the next smaller one (wider interval); normal past 30.
+    assert t95(11) == t95(10) == 2.228 and t95(31) == 1.96 and math.isnan(t95(0))

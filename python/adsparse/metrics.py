@@ -20,7 +20,9 @@ predictions, so a window without a single click gets a large NE rather than a di
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 
@@ -31,8 +33,10 @@ __all__ = [
     "auc",
     "calibration",
     "logloss",
+    "mean_ci",
     "ne",
     "relative_ne",
+    "t95",
 ]
 
 DEFAULT_EPS = 1e-7
@@ -115,6 +119,32 @@ def calibration(labels: torch.Tensor, preds: torch.Tensor) -> float:
 def relative_ne(ne_value: float, ne_reference: float) -> float:
     """Relative NE loss ``(NE - NE_ref) / NE_ref`` (positive = worse than the reference)."""
     return (ne_value - ne_reference) / ne_reference
+
+
+# Two-sided 95% Student t quantiles by degrees of freedom (normal beyond the table).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (the table's
+    value at the largest tabulated df <= ``df``: conservative in between; NaN below 1)."""
+    if df < 1:
+        return math.nan
+    known = [k for k in _T95 if k <= df]
+    return _T95[max(known)] if df <= 30 else 1.96
+
+
+def mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of the finite ``values`` and the half-width of its 95% t-interval (NaN half-width
+    for fewer than 2 values): what the benchmarks report for paired differences over seeds."""
+    vals = [v for v in values if math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    m = statistics.fmean(vals)
+    if len(vals) < 2:
+        return m, math.nan
+    return m, t95(len(vals) - 1) * statistics.stdev(vals) / math.sqrt(len(vals))
 
 
 class StreamingMetrics:
