@@ -30,7 +30,12 @@ import torch
 
 from adsparse.checks import check_block_size, check_density
 
-__all__ = ["BlockSparseWeight", "block_norms", "transpose_index"]
+__all__ = [
+    "BlockSparseWeight",
+    "block_norms",
+    "block_row_ids",
+    "transpose_index",
+]
 
 
 def _pad_to_blocks(dense: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
@@ -52,13 +57,18 @@ def block_norms(dense: torch.Tensor, block_size: tuple[int, int]) -> torch.Tenso
     return blocks.pow(2).sum(dim=(1, 3)).sqrt()
 
 
+def block_row_ids(row_offsets: torch.Tensor) -> torch.Tensor:
+    """``[nnzb]``: the block row of every stored block of a CSR block index (same device)."""
+    counts = row_offsets[1:] - row_offsets[:-1]
+    rows = torch.arange(counts.numel(), device=row_offsets.device)
+    return torch.repeat_interleave(rows, counts)
+
+
 def transpose_index(
     row_offsets: torch.Tensor, col_indices: torch.Tensor, num_block_cols: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CSR index over block columns: ``(t_row_offsets, t_col_indices, t_block_ids)``."""
-    num_rows = row_offsets.numel() - 1
-    counts = row_offsets[1:] - row_offsets[:-1]
-    block_rows = torch.repeat_interleave(torch.arange(num_rows, device=row_offsets.device), counts)
+    block_rows = block_row_ids(row_offsets)
     # Stable sort by column keeps block rows increasing inside each block column.
     order = torch.sort(col_indices, stable=True).indices
     t_col_indices = block_rows[order]
@@ -159,9 +169,8 @@ class BlockSparseWeight:
                 f"values holds {self.values.shape[0]} blocks but col_indices has "
                 f"{self.col_indices.numel()}"
             )
-        counts = self.row_offsets[1:] - self.row_offsets[:-1]
         if self.col_indices.numel() > 1:
-            same_row = torch.repeat_interleave(torch.arange(rows), counts.cpu())
+            same_row = block_row_ids(self.row_offsets.cpu())
             step = self.col_indices.cpu().diff()
             if bool(((step <= 0) & (same_row.diff() == 0)).any()):
                 raise ValueError("col_indices must be strictly increasing within each block row")
@@ -231,9 +240,7 @@ class BlockSparseWeight:
         """Boolean ``[ceil(N/bn), ceil(K/bk)]`` grid of the stored blocks."""
         rows, cols = self.grid
         mask = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
-        counts = self.row_offsets[1:] - self.row_offsets[:-1]
-        block_rows = torch.repeat_interleave(torch.arange(rows, device=self.device), counts)
-        mask[block_rows, self.col_indices] = True
+        mask[block_row_ids(self.row_offsets), self.col_indices] = True
         return mask
 
     def _block_weight_counts(self) -> torch.Tensor:

@@ -75,9 +75,7 @@ class ServingBlockSparseLinear(nn.Module):
         values = serving_ops.unpack(self.weight, self.scales, self.block_size).to(dtype)
         if self.scales is not None:
             bn = self.block_size[0]
-            counts = self.row_offsets.diff()
-            rows = torch.repeat_interleave(torch.arange(counts.numel()), counts)
-            n = rows[:, None] * bn + torch.arange(bn)[None]
+            n = serving_ops.output_rows(self.row_offsets, bn)
             padded = torch.cat([self.scales, self.scales.new_ones(bn)]).to(dtype)
             values = values * padded[n][:, :, None]
         return BlockSparseWeight(values.contiguous(), self.row_offsets, self.col_indices,

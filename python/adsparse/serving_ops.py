@@ -28,13 +28,14 @@ from dataclasses import dataclass
 import torch
 
 from adsparse import ops
-from adsparse.layout import BlockSparseWeight
+from adsparse.layout import BlockSparseWeight, block_row_ids
 
 __all__ = [
     "SERVING_DTYPES",
     "ServingDtype",
     "bsr_linear_serve",
     "check_serving_dtype",
+    "output_rows",
     "pack_bf16",
     "pack_int8",
     "quantize_rows",
@@ -46,20 +47,17 @@ _OPS = torch.ops.adsparse
 INT8_GROUP, INT8_COL_PAD = 4, 16
 
 
-def _rows_of_blocks(w: BlockSparseWeight) -> torch.Tensor:
+def output_rows(row_offsets: torch.Tensor, bn: int) -> torch.Tensor:
     """``[nnzb, bn]``: the output row ``n`` of every row of every stored block (may be >= N in
     a tail block's padding)."""
-    bn = w.block_size[0]
-    counts = w.row_offsets.diff()
-    block_rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device),
-                                         counts)
-    return block_rows[:, None] * bn + torch.arange(bn, device=counts.device)[None]
+    rows = block_row_ids(row_offsets)
+    return rows[:, None] * bn + torch.arange(bn, device=row_offsets.device)[None]
 
 
 def int8_weight_scales(w: BlockSparseWeight) -> torch.Tensor:
     """Per-output-channel scales ``max|W[n, :]| / 127`` (1 for an all-zero row), fp32 ``[N]``."""
     n = w.shape[0]
-    rows = _rows_of_blocks(w)
+    rows = output_rows(w.row_offsets, w.block_size[0])
     amax = torch.zeros(n + w.block_size[0], dtype=torch.float32, device=w.values.device)
     if w.nnzb:
         block_max = w.values.detach().abs().amax(2).float()
@@ -72,7 +70,7 @@ def pack_int8(w: BlockSparseWeight) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed int8 [nnzb, ceil(bk/4), bn16, 4], scales fp32 [N])`` of a block-sparse weight."""
     bn, bk = w.block_size
     scales = int8_weight_scales(w)
-    rows = _rows_of_blocks(w)
+    rows = output_rows(w.row_offsets, w.block_size[0])
     padded = torch.cat([scales, scales.new_ones(bn)])[rows]  # [nnzb, bn]
     q = torch.round(w.values.detach().float() / padded[:, :, None]).clamp_(-127, 127)
     groups, bn16 = -(-bk // INT8_GROUP), -(-bn // INT8_COL_PAD) * INT8_COL_PAD
