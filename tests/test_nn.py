@@ -35,7 +35,7 @@ def _float64_reference(model: nn.Module) -> nn.Module:
                 lin.weight.copy_(m.masked_weight())
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
-            ref = adsparse.nn._replace(ref, m, lin)
+            ref = adsparse.nn.replace_layer(ref, m, lin)
     densify_(ref)
     return ref.double()
 

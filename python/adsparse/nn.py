@@ -349,9 +349,6 @@ def replace_layer(model: nn.Module, old: nn.Module, new: nn.Module) -> nn.Module
     return model
 
 
-_replace = replace_layer  # the name the tests used before it was public
-
-
 def _names(model: nn.Module, types: tuple[type, ...]) -> dict[int, list[str]]:
     """Every name of every layer of ``types``, by layer identity (a shared layer has several)."""
     names: dict[int, list[str]] = {}
