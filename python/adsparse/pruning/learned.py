@@ -65,7 +65,8 @@ class LearnedConfig:
             transition cannot afford more. At least one round always runs.
         min_share: every layer keeps at least this share of the target density (on top of
             ``min_layer_density``): a hedge against the profiles' myopia, since a layer the
-            current model barely uses may be needed once training goes on.
+            current model barely uses may be needed once training goes on (0.25 starved the
+            online DLRM's first top layer and cost 2.5 points of NE; docs/pruning.md).
     """
 
     rounds: int = 4
@@ -76,7 +77,7 @@ class LearnedConfig:
     update_every: int = 1
     first_order: bool = False
     candidates: bool = True
-    min_share: float = 0.25
+    min_share: float = 0.5
     profile_budget: float = 1.5
 
     def validate(self) -> None:
