@@ -23,17 +23,17 @@ class OnlineConfig:
     """Everything that decides the numbers of a run (checkpoints refuse a different one).
 
     ad2s intervals, handovers and patience count *windows* of ``window_batches`` mini-batches;
-    with the default stream (128 batches a period) a window is an eighth of a period, so ad2s
+    with the default stream (192 batches a period) a window is an eighth of a period, so ad2s
     regenerations are at least half a period and at most four periods apart.
     """
 
     density: float = 0.1
     block_size: tuple[int, int] = (16, 16)
     pruner: str = "learned"  # the pruner of prune_once and d2s; ad2s always uses "learned"
-    # A regeneration must cost at most one period of dense training (128 steps on the default
+    # A regeneration must cost at most one period of dense training (192 steps on the default
     # stream): the transition's steps plus one distillation epoch over the buffer.
     prune_steps: int = 40  # optimisation steps of one pruning transition
-    buffer_batches: int = 32  # recent mini-batches kept for the transition (a quarter period)
+    buffer_batches: int = 32  # recent mini-batches kept for the transition (a sixth of a period)
     prune_batches: int = 32  # the last this many of them are what the pruner sees
     # Epochs over the buffer in which a new model learns the dense model's predictions after
     # hardening (see regeneration.distill).
@@ -49,7 +49,7 @@ class OnlineConfig:
     handover_windows: int = 4  # windows over which challenger and champion are compared
     handover_margin: float = 0.0  # relative log-loss lead the challenger needs to take over
     challenger_patience: int = 16  # windows after which a challenger that has not won is dropped
-    window_batches: int = 16  # NE gaps, handovers and the ad2s triggers work per window
+    window_batches: int = 24  # NE gaps, handovers and the ad2s triggers work per window
     # ad2s: regenerate when the mean gap of the last min_interval windows has grown by more
     # than this (relative NE) above its lowest value since the last regeneration (AD2SStrategy)
     ne_tolerance: float = 0.01
