@@ -265,3 +265,20 @@ def test_allocate_removal_equal_marginal_cost_by_hand() -> None:
     assert allocate_removal([[(0, 0), (10, 0)], [(0, 0), (30, 0)]], 20) == pytest.approx([5, 15])
     with pytest.raises(ValueError, match="cannot remove"):
         allocate_removal(curves, 41)
+
+
+@pytest.mark.parametrize(("share", "block"), [(1.0, (16, 8)), (0.75, (8, 8)), (1.0, None)])
+def test_min_share_floors_every_layer_and_keeps_the_budget(share, block) -> None:
+    # Each layer keeps min_share of the target density, less at most one group (floors are
+    # met in whole groups); at min_share = 1 that is the uniform allocation, still on budget.
+    model, data = trained("dead", "bce")
+    density = 0.3
+    pruner = Pruner(model, density, "learned", "element" if block is None else "block",
+                    block or (8, 8), filter_fn=fits(block),
+                    learned=LearnedConfig(min_share=share))
+    masks = pruner.prune(data, bce, steps=40)
+    assert_budget(model, pruner, masks, density, block)
+    group = 1 if block is None else block[0] * block[1]
+    for fqn, d in pruner.layer_densities().items():
+        n = model.get_submodule(fqn).weight.numel()
+        assert d * n >= share * density * n - group, (fqn, d)

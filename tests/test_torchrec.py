@@ -79,7 +79,7 @@ def test_sparsify_and_pruner_on_torchrec_dlrm():
     assert "dlrm.dense_arch.model._mlp.0._linear" in layers
     assert "dlrm.over_arch.model.1" in layers
     batches = random_batches(4)
-    pruner = block_pruner(model, 0.3, "learned", (8, 8))
+    pruner = block_pruner(model, 0.3, "learned", OnlineConfig(block_size=(8, 8)))
     masks = pruner.prune(batches, loss_fn, steps=4)
     assert masks and set(masks) <= set(layers)
     # The reference: the dense model with the pruned blocks zeroed.

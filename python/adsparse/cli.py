@@ -310,7 +310,7 @@ def _preflight(exp: Experiment) -> None:
             continue
         method = "learned" if spec.kind == "ad2s" else cfg.pruner
         try:
-            comps.make_pruner(model, spec.density, method, cfg.block_size)
+            comps.make_pruner(model, spec.density, method, cfg)
         except ValueError as err:
             bn, bk = cfg.block_size
             raise UsageError(f"strategy {spec.name!r} (density {spec.density}, block {bn}x{bk},"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adsparse.data.base import Batch
+from adsparse.online.config import OnlineConfig
 
 __all__ = ["Components", "LocalPlacement", "MetricsLike", "Placement", "PrunerLike",
            "block_pruner", "default_components", "loss_fn"]
@@ -76,7 +77,8 @@ class Components:
     """``make_model()`` must be deterministic (seed it inside): every strategy starts from it."""
 
     make_model: Callable[[], nn.Module]
-    make_pruner: Callable[[nn.Module, float, str, tuple[int, int]], PrunerLike]
+    # (model, density, method, the run's config) -> a pruner of the model's MLP layers
+    make_pruner: Callable[[nn.Module, float, str, OnlineConfig], PrunerLike]
     make_metrics: Callable[[], MetricsLike]
     placement: Placement = field(default_factory=LocalPlacement)
 
@@ -86,13 +88,14 @@ def loss_fn(model: nn.Module, batch: Batch) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
 
 
-def block_pruner(model: nn.Module, density: float, method: str,
-                 block_size: tuple[int, int]) -> PrunerLike:
+def block_pruner(model: nn.Module, density: float, method: str, cfg: OnlineConfig
+                 ) -> PrunerLike:
     """The project's :class:`adsparse.pruning.Pruner` on ``model``'s layers of at least one
-    block (every run's ``make_pruner``)."""
-    from adsparse.pruning import Pruner
+    block of ``cfg.block_size`` (every run's ``make_pruner``); ``learned`` keeps every layer
+    at ``cfg.learned_min_share`` of the density or more."""
+    from adsparse.pruning import LearnedConfig, Pruner
 
-    bn, bk = block_size
+    bn, bk = cfg.block_size
 
     # Layers thinner than one block (dlrm's 13-wide input layer, the 1-wide head) hold a
     # few thousand weights between them; they stay dense rather than fail the pruner.
@@ -100,7 +103,7 @@ def block_pruner(model: nn.Module, density: float, method: str,
         return module.out_features >= bn and module.in_features >= bk
 
     return Pruner(model, density, method=method, granularity="block", block_size=(bn, bk),
-                  filter_fn=fits)
+                  filter_fn=fits, learned=LearnedConfig(min_share=cfg.learned_min_share))
 
 
 def default_components(num_dense: int, embedding_sizes: list[int], preset: str = "kaggle",

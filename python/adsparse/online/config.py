@@ -30,6 +30,11 @@ class OnlineConfig:
     density: float = 0.1
     block_size: tuple[int, int] = (16, 16)
     pruner: str = "learned"  # the pruner of prune_once and d2s; ad2s always uses "learned"
+    # learned: every layer keeps at least this share of the density. Online a sparse model
+    # trains on for many periods after its mask is chosen, so the transition's one-step-ahead
+    # profiles must not starve a layer (0.5 cost 1-4 points of NE on the control stream;
+    # 0.75 was as good as uniform; docs/online.md).
+    learned_min_share: float = 0.75
     # A regeneration must cost at most one period of dense training (192 steps on the default
     # stream): the transition's steps plus one distillation epoch over the buffer.
     prune_steps: int = 40  # optimisation steps of one pruning transition
@@ -71,6 +76,8 @@ class OnlineConfig:
         """Raise ``ValueError`` naming the first bad knob."""
         check_density(self.density)
         check_block_size(self.block_size, "block size")
+        if not 0.0 <= self.learned_min_share <= 1.0:
+            raise ValueError(f"learned_min_share must be in [0, 1], got {self.learned_min_share}")
         if self.max_backoff < 0:
             raise ValueError(f"max_backoff must be >= 0, got {self.max_backoff}")
         if self.distill_epochs < 0:

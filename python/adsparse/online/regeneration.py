@@ -165,7 +165,7 @@ def transition(dense: nn.Module, dense_opt: torch.optim.Optimizer, buffer: Seque
     allocation is warm-started from ``pruner_state``); distillation, when on, sees them all.
     """
     model = copy.deepcopy(dense)
-    pruner = comps.make_pruner(model, density, method, cfg.block_size)
+    pruner = comps.make_pruner(model, density, method, cfg)
     if pruner_state is not None:
         pruner.load_state_dict(pruner_state)  # warm start from the last transition
     dev = cfg.device

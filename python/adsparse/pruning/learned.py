@@ -66,7 +66,8 @@ class LearnedConfig:
         min_share: every layer keeps at least this share of the target density (on top of
             ``min_layer_density``): a hedge against the profiles' myopia, since a layer the
             current model barely uses may be needed once training goes on (0.25 starved the
-            online DLRM's first top layer and cost 2.5 points of NE; docs/pruning.md).
+            online DLRM's first top layer and cost 2.5 points of NE; online runs use 0.75;
+            docs/pruning.md). Met in whole groups: the floor is the share less one group.
     """
 
     rounds: int = 4
@@ -274,8 +275,9 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
     cfg.validate()
     targets = ctx.targets
     sizes = ctx.sizes
-    # The pruner's min_weights, raised to min_share of the target density.
-    min_weights = [max(f, cfg.min_share * ctx.density * t.num_weights)
+    # The pruner's min_weights, raised to min_share of the target density less one group:
+    # a floor is met in whole groups (rounded up), and min_share = 1 must still fit the budget.
+    min_weights = [max(f, cfg.min_share * ctx.density * t.num_weights - float(t.sizes.max()) + 1)
                    for f, t in zip(ctx.min_weights, targets)]
     total = float(sum(t.num_weights for t in targets))
     prior = _prior(ctx, min_weights)
