@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace adsparse {
 namespace {
@@ -29,7 +30,8 @@ template <typename TW>
 void run_spmm(const KernelTable& kt,
               void (*spmm)(const SpmmArgsT<TW>&, float*, int64_t, int64_t),
               const SpmmArgsT<TW>& a, int64_t items, int64_t grain) {
-  const int64_t panel = std::max<int64_t>(a.a_cols * kt.panel_rows, 1);
+  const int64_t panel = std::max<int64_t>(
+      spmm_ws_floats(a.a_cols, a.depth_block, kt.panel_rows, std::is_same<TW, bf16>::value), 1);
   at::Tensor ws = at::empty({at::get_num_threads(), panel}, at::kFloat);
   float* wp = ws.data_ptr<float>();
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {

@@ -22,12 +22,69 @@ inline int clamp_width(int64_t n) {
 }
 
 // ---------------------------------------------------------------- spmm (forward, input grad)
-// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 1 for the rows of a partial panel
-// of bf16 blocks: the serving form's small batches); the panel's row stride stays kMR.
-template <typename TW, int ROWS, int NV, bool PARTIAL>
-void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
-               int64_t ob, int64_t col0, int64_t wv) {
+// How a depth step of the packed blocks is multiplied, per block element type: Step<TW>.
+//   kDepth  depth rows of a block consumed by one step
+//   P       element of the packed panel of A: one per row of the panel and step
+//   load<PARTIAL, HI>(pp, ldp, n)  the step's weights for W columns from pp (n valid if
+//           PARTIAL); HI = false only for the last step of an odd depth (no row past it is read)
+//   madd(acc, a, w)  acc + the step's products of one row of A (from a) with w
+// By default a step is one depth row: the blocks are widened to floats as they are loaded
+// (bf16: a 16-bit shift), the panel holds floats (rounded to bf16 for bf16 blocks) and a step
+// is one FMA per row of A.
+// (X is Vec, a template parameter only so that Step<TW, true> names X's bf16 members lazily.)
+template <typename TW, bool DOT = std::is_same<TW, bf16>::value && Vec::kBf16Dot, typename X = Vec>
+struct Step {
   using V = typename Vec::V;
+  using P = float;
+  static constexpr int kDepth = 1;
+  template <bool PARTIAL, bool HI>
+  static inline V load(const TW* pp, int64_t, int n) {
+    return PARTIAL ? Vec::loadn(pp, n) : Vec::load(pp);
+  }
+  static inline V madd(V acc, const P* a, V w) { return Vec::fma(Vec::bcast(a), w, acc); }
+};
+
+// bf16 blocks on an ISA with a bf16 dot product (Vec::kBf16Dot: AVX512_BF16's VDPBF16PS, per
+// fp32 lane acc + a0*w0 + a1*w1 over a pair of bf16): a step is two depth rows. The two rows of
+// the block are interleaved into k-pairs as they are loaded (one permute per W columns, shared
+// by the panel's rows; the stored layout stays [bk][bn], which every path reads), and the panel
+// holds the activations as bf16 pairs (k, k+1) in 32-bit lanes (pack_pairs).
+template <typename TW, typename X>
+struct Step<TW, true, X> {
+  using V = typename X::V;
+  using P = uint32_t;
+  static constexpr int kDepth = 2;
+  template <bool PARTIAL, bool HI>
+  static inline V load(const TW* pp, int64_t ldp, int n) {
+    return X::template load_pairs<PARTIAL, HI>(pp, ldp, n);
+  }
+  static inline V madd(V acc, const P* a, V w) { return X::dot_pairs(acc, a, w); }
+};
+
+// One depth step of a tile: NV vectors of the block, times ROWS rows of the panel from `aa`.
+template <typename TW, int ROWS, int NV, bool PARTIAL, bool HI>
+inline void spmm_step(typename Vec::V (&acc)[ROWS][NV], const TW* pp, int64_t ldp,
+                      const int (&nv)[NV], const typename Step<TW>::P* aa) {
+  using V = typename Vec::V;
+  using S = Step<TW>;
+  constexpr int W = Vec::W;
+  V w[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) w[v] = S::template load<PARTIAL, HI>(pp + v * W, ldp, nv[v]);
+#pragma GCC unroll 32
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::madd(acc[i][v], aa + i, w[v]);
+}
+
+// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 1 for the rows of a partial panel
+// of bf16 blocks: the serving form's small batches); the panel's row stride stays kMR. Block
+// column c of A starts at step c * ceil(depth_block / kDepth) of the panel.
+template <typename TW, int ROWS, int NV, bool PARTIAL>
+void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
+               int64_t rows_valid, int64_t ob, int64_t col0, int64_t wv) {
+  using V = typename Vec::V;
+  using S = Step<TW>;
   constexpr int MR = ROWS;
   constexpr int W = Vec::W;
   V acc[MR][NV];
@@ -38,25 +95,20 @@ void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
   int nv[NV];
   for (int v = 0; v < NV; ++v) nv[v] = clamp_width(wv - v * W);
 
+  const int64_t steps_block = (a.depth_block + S::kDepth - 1) / S::kDepth;
+  const int64_t ldp = a.ldp;
   const int64_t j1 = a.offsets[ob + 1];
   for (int64_t j = a.offsets[ob]; j < j1; ++j) {
     const int64_t blk = a.ids ? a.ids[j] : j;
-    const int64_t a_off = a.idx[j] * a.depth_block;
-    const int64_t depth = imin(a.depth_block, a.a_cols - a_off);
+    const int64_t c = a.idx[j];
+    const int64_t depth = imin(a.depth_block, a.a_cols - c * a.depth_block);
     const TW* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
-    const float* aa = ap + a_off * kMR;
-    for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += kMR) {
-      V w[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v)
-        w[v] = PARTIAL ? Vec::loadn(pp + v * W, nv[v]) : Vec::load(pp + v * W);
-#pragma GCC unroll 32
-      for (int i = 0; i < MR; ++i) {
-        const V xb = Vec::bcast(aa + i);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(xb, w[v], acc[i][v]);
-      }
-    }
+    const typename S::P* aa = ap + c * steps_block * kMR;
+    const int64_t full = depth / S::kDepth;
+    for (int64_t t = 0; t < full; ++t, pp += S::kDepth * ldp, aa += kMR)
+      spmm_step<TW, MR, NV, PARTIAL, true>(acc, pp, ldp, nv, aa);
+    if (S::kDepth > 1 && full * S::kDepth < depth)
+      spmm_step<TW, MR, NV, PARTIAL, false>(acc, pp, ldp, nv, aa);
   }
 
   V bias[NV];
@@ -81,23 +133,53 @@ void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
 
 void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o);
 
-// Rounds floats to the nearest bfloat16 (ties to even), in place: the activations of the bf16
-// serving form, rounded in the L2-resident panel instead of in two passes over all of x. NaN
+// The bits of a float rounded to the nearest bfloat16 (ties to even; low 16 bits zero). NaN
 // stays NaN (quieted, then truncated); a finite value past the largest bf16 becomes inf.
+inline uint32_t bf16_round_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  return u & 0xffff0000u;
+}
+
+// Rounds floats to the nearest bfloat16, in place: the activations of the bf16 serving form,
+// rounded in the L2-resident panel instead of in two passes over all of x.
 inline void round_to_bf16(float* p, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
-    uint32_t u;
-    std::memcpy(&u, p + k, sizeof u);
-    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
+    const uint32_t u = bf16_round_bits(p[k]);
     std::memcpy(p + k, &u, sizeof u);
+  }
+}
+
+// The panel of the bf16 dot-product step (Step<bf16, true>): from the packed float panel f
+// [cols][kMR], the pair (k, k+1) = (c * bk + 2s, + 1) of block column c at [c * ceil(bk/2) + s]
+// [kMR], both rounded to bf16, low half k; the high half is zero past the block's depth (an odd
+// bk, or the last block column's tail), so a pair never mixes two block columns.
+inline void pack_pairs(const float* f, int64_t cols, int64_t bk, uint32_t* o) {
+  const int64_t hp = (bk + 1) / 2;
+  for (int64_t c = 0; c * bk < cols; ++c) {
+    const int64_t depth = imin(bk, cols - c * bk);
+    const float* src = f + c * bk * kMR;
+    uint32_t* dst = o + c * hp * kMR;
+    int64_t s = 0;
+    for (; 2 * s + 1 < depth; ++s) {
+      const float* lo = src + 2 * s * kMR;
+      uint32_t* d = dst + s * kMR;
+      for (int i = 0; i < kMR; ++i)
+        d[i] = (bf16_round_bits(lo[i]) >> 16) | bf16_round_bits(lo[kMR + i]);
+    }
+    if (2 * s < depth) {
+      const float* lo = src + 2 * s * kMR;
+      uint32_t* d = dst + s * kMR;
+      for (int i = 0; i < kMR; ++i) d[i] = bf16_round_bits(lo[i]) >> 16;
+    }
   }
 }
 
 // The column tiles of one (rows, block-column) pair.
 template <typename TW, int ROWS>
-void spmm_cols(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
-               int64_t ob) {
+void spmm_cols(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
+               int64_t rows_valid, int64_t ob) {
   constexpr int W = Vec::W;
   constexpr int NV2 = kMaxNV >= 2 ? 2 : 1;
   const int64_t cbase = ob * a.width_block;
@@ -122,25 +204,38 @@ void spmm_cols(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
 }
 
 // Items are panel-major, so a task packs each of its panels once into `ws` (a_cols x MR floats,
-// L2-resident) right before using it, instead of packing all of A into a buffer as large as A.
+// L2-resident) right before using it, instead of packing all of A into a buffer as large as A;
+// the dot-product step packs its bf16 pairs after them (spmm_ws_floats in kernels.h).
 // A partial panel of bf16 blocks (the serving form, where B = 1..15 is the common case) runs
 // one-row tiles instead of computing kMR rows for a few.
 template <typename TW>
 void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
+  using S = Step<TW>;
+  constexpr bool kPairs = S::kDepth == 2;
+  const typename S::P* ap;
+  if (kPairs) {
+    ap = reinterpret_cast<const typename S::P*>(ws + a.a_cols * kMR);
+  } else {
+    ap = reinterpret_cast<const typename S::P*>(ws);
+  }
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
     if (p != packed) {
       pack_panel(a.a, a.rows, a.a_cols, p, ws);
-      if (!std::is_same<TW, float>::value) round_to_bf16(ws, a.a_cols * kMR);
+      if (kPairs) {
+        pack_pairs(ws, a.a_cols, a.depth_block, reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR));
+      } else if (!std::is_same<TW, float>::value) {
+        round_to_bf16(ws, a.a_cols * kMR);
+      }
       packed = p;
     }
     const int64_t row0 = p * kMR;
     const int64_t rows_valid = imin(kMR, a.rows - row0);
     if (std::is_same<TW, float>::value || rows_valid == kMR) {
-      spmm_cols<TW, kMR>(a, ws, row0, rows_valid, ob);
+      spmm_cols<TW, kMR>(a, ap, row0, rows_valid, ob);
     } else {
-      for (int64_t i = 0; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ws + i, row0 + i, 1, ob);
+      for (int64_t i = 0; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ap + i, row0 + i, 1, ob);
     }
   }
 }

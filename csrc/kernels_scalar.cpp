@@ -12,6 +12,7 @@ namespace {
 
 struct Vec {
   static constexpr int W = 8;
+  static constexpr bool kBf16Dot = false;  // bf16 blocks are widened to floats
   struct V {
     float f[W];
   };
