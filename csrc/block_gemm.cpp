@@ -66,7 +66,10 @@ void run_block_product(const KernelTable& kt,
   a.out = out.data_ptr<float>();
   a.out_cols = out.size(1);
   const int64_t items = ceil_panels(a.rows, kt.panel_rows) * num_out_blocks;
-  const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
+  // A partial panel of bf16 blocks computes only its rows (the serving form's small batches).
+  const int64_t panel_rows = std::is_same<TW, bf16>::value
+                                 ? std::min<int64_t>(a.rows, kt.panel_rows) : kt.panel_rows;
+  const double per_item = static_cast<double>(panel_rows) * a.panel_stride *
                           static_cast<double>(nnzb) /
                           static_cast<double>(std::max<int64_t>(num_out_blocks, 1));
   run_spmm(kt, spmm, a, items, grain_for(per_item));

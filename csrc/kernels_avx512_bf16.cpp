@@ -54,6 +54,30 @@ struct Vec : VecAvx512 {
     return _mm512_castsi512_ps(_mm512_permutex2var_epi16(
         _mm512_castsi256_si512(lo), pair_index(), _mm512_castsi256_si512(hi)));
   }
+  // The panel of the dot-product step for 16 full rows of x (stride ldx, `cols` columns), when
+  // every block column starts at an even k (even bk): o [ceil(cols / 2)][16], pair j of row i at
+  // o[j * 16 + i] = (bf16(x[i][2j]), bf16(x[i][2j + 1])), zero past `cols`. Per 32 columns: one
+  // VCVTNE2PS2BF16 per row turns them into its 16 pairs in order, and a 16 x 16 transpose of
+  // 32-bit lanes makes pairs of rows into rows of pairs. VCVTNE2PS2BF16 rounds to nearest even
+  // like round_to_bf16 but flushes denormals to zero, which VDPBF16PS does to its inputs anyway.
+  static inline void pack_pairs16(const float* x, int64_t ldx, int64_t cols, uint32_t* o) {
+    for (int64_t k0 = 0; k0 < cols; k0 += 32) {
+      const int64_t n = cols - k0 < 32 ? cols - k0 : 32;
+      const __mmask16 m0 = mask(n >= 16 ? 16 : static_cast<int>(n));
+      const __mmask16 m1 = mask(n >= 32 ? 16 : n > 16 ? static_cast<int>(n - 16) : 0);
+      V r[16];
+      for (int i = 0; i < 16; ++i) {
+        const float* xi = x + i * ldx + k0;
+        const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_maskz_loadu_ps(m1, xi + 16),
+                                               _mm512_maskz_loadu_ps(m0, xi));
+        r[i] = _mm512_castsi512_ps((__m512i)h);
+      }
+      transpose16(r);
+      const int64_t pairs = (n + 1) / 2;
+      uint32_t* d = o + k0 / 2 * 16;
+      for (int j = 0; j < pairs; ++j) _mm512_storeu_ps(reinterpret_cast<float*>(d + j * 16), r[j]);
+    }
+  }
   // acc + a.lo * w.lo + a.hi * w.hi per lane, the pair *a broadcast to all 16 lanes (exact
   // products, fp32 sums rounded to nearest even; bf16 denormals count as zero).
   static inline V dot_pairs(V acc, const uint32_t* a, V w) {

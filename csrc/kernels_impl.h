@@ -42,6 +42,7 @@ struct Step {
     return PARTIAL ? Vec::loadn(pp, n) : Vec::load(pp);
   }
   static inline V madd(V acc, const P* a, V w) { return Vec::fma(Vec::bcast(a), w, acc); }
+  static inline void pack16(const float*, int64_t, int64_t, uint32_t*) {}  // pairs only
 };
 
 // bf16 blocks on an ISA with a bf16 dot product (Vec::kBf16Dot: AVX512_BF16's VDPBF16PS, per
@@ -59,6 +60,10 @@ struct Step<TW, true, X> {
     return X::template load_pairs<PARTIAL, HI>(pp, ldp, n);
   }
   static inline V madd(V acc, const P* a, V w) { return X::dot_pairs(acc, a, w); }
+  // The pairs of 16 full rows of A when every block column starts at an even k (kMR = 16).
+  static inline void pack16(const float* x, int64_t ldx, int64_t cols, uint32_t* o) {
+    X::pack_pairs16(x, ldx, cols, o);
+  }
 };
 
 // One depth step of a tile: NV vectors of the block, times ROWS rows of the panel from `aa`.
@@ -77,9 +82,13 @@ inline void spmm_step(typename Vec::V (&acc)[ROWS][NV], const TW* pp, int64_t ld
     for (int v = 0; v < NV; ++v) acc[i][v] = S::madd(acc[i][v], aa + i, w[v]);
 }
 
-// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 1 for the rows of a partial panel
+// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 4 or 1 for the rows of a partial panel
 // of bf16 blocks: the serving form's small batches); the panel's row stride stays kMR. Block
 // column c of A starts at step c * ceil(depth_block / kDepth) of the panel.
+// A short tile (a few rows of a partial panel) would be one dependent chain of FMAs (or dot
+// products) per accumulator, bound by their latency: it then keeps SPLIT sets of accumulators,
+// used by consecutive depth steps in turn, and adds them up at the end. Tiles of at least 8
+// accumulators (every full-panel tile) have SPLIT = 1.
 template <typename TW, int ROWS, int NV, bool PARTIAL>
 void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
                int64_t rows_valid, int64_t ob, int64_t col0, int64_t wv) {
@@ -87,11 +96,14 @@ void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t r
   using S = Step<TW>;
   constexpr int MR = ROWS;
   constexpr int W = Vec::W;
-  V acc[MR][NV];
+  constexpr int SPLIT = MR * NV >= 8 ? 1 : 8 / (MR * NV);
+  V acc[SPLIT][MR][NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < SPLIT; ++u)
 #pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = Vec::zero();
+      for (int v = 0; v < NV; ++v) acc[u][i][v] = Vec::zero();
   int nv[NV];
   for (int v = 0; v < NV; ++v) nv[v] = clamp_width(wv - v * W);
 
@@ -105,11 +117,25 @@ void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t r
     const TW* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
     const typename S::P* aa = ap + c * steps_block * kMR;
     const int64_t full = depth / S::kDepth;
-    for (int64_t t = 0; t < full; ++t, pp += S::kDepth * ldp, aa += kMR)
-      spmm_step<TW, MR, NV, PARTIAL, true>(acc, pp, ldp, nv, aa);
+    int64_t t = 0;
+    if (SPLIT > 1) {
+      for (; t + SPLIT <= full; t += SPLIT) {
+#pragma GCC unroll 8
+        for (int u = 0; u < SPLIT; ++u, pp += S::kDepth * ldp, aa += kMR)
+          spmm_step<TW, MR, NV, PARTIAL, true>(acc[u], pp, ldp, nv, aa);
+      }
+    }
+    for (; t < full; ++t, pp += S::kDepth * ldp, aa += kMR)
+      spmm_step<TW, MR, NV, PARTIAL, true>(acc[0], pp, ldp, nv, aa);
     if (S::kDepth > 1 && full * S::kDepth < depth)
-      spmm_step<TW, MR, NV, PARTIAL, false>(acc, pp, ldp, nv, aa);
+      spmm_step<TW, MR, NV, PARTIAL, false>(acc[SPLIT - 1], pp, ldp, nv, aa);
   }
+#pragma GCC unroll 8
+  for (int u = 1; u < SPLIT; ++u)
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[0][i][v] = Vec::add(acc[0][i][v], acc[u][i][v]);
 
   V bias[NV];
   for (int v = 0; v < NV; ++v)
@@ -120,7 +146,7 @@ void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t r
     float* o = a.out + (row0 + i) * a.out_cols + col0;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      V r = Vec::add(acc[i][v], bias[v]);
+      V r = Vec::add(acc[0][i][v], bias[v]);
       if (a.relu) r = Vec::relu(r);
       if (PARTIAL) {
         Vec::storen(o + v * W, r, nv[v]);
@@ -176,6 +202,26 @@ inline void pack_pairs(const float* f, int64_t cols, int64_t bk, uint32_t* o) {
   }
 }
 
+// The same pairs for rows [row0, row0 + rv) of A [rows][cols], straight from A, for a partial
+// panel (rv < kMR): its rows run as tiles of their own, so the panel's other rows are not
+// written, and the float panel is not needed.
+inline void pack_pairs_rows(const float* a, int64_t cols, int64_t row0, int64_t rv, int64_t bk,
+                            uint32_t* o) {
+  const int64_t hp = (bk + 1) / 2;
+  for (int64_t i = 0; i < rv; ++i) {
+    const float* x = a + (row0 + i) * cols;
+    for (int64_t c = 0; c * bk < cols; ++c) {
+      const int64_t depth = imin(bk, cols - c * bk);
+      const float* xc = x + c * bk;
+      uint32_t* d = o + c * hp * kMR + i;
+      int64_t s = 0;
+      for (; 2 * s + 1 < depth; ++s)
+        d[s * kMR] = (bf16_round_bits(xc[2 * s]) >> 16) | bf16_round_bits(xc[2 * s + 1]);
+      if (2 * s < depth) d[s * kMR] = bf16_round_bits(xc[2 * s]) >> 16;
+    }
+  }
+}
+
 // The column tiles of one (rows, block-column) pair.
 template <typename TW, int ROWS>
 void spmm_cols(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
@@ -207,7 +253,7 @@ void spmm_cols(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t r
 // L2-resident) right before using it, instead of packing all of A into a buffer as large as A;
 // the dot-product step packs its bf16 pairs after them (spmm_ws_floats in kernels.h).
 // A partial panel of bf16 blocks (the serving form, where B = 1..15 is the common case) runs
-// one-row tiles instead of computing kMR rows for a few.
+// tiles of 4 rows and of one instead of computing kMR rows for a few.
 template <typename TW>
 void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
   using S = Step<TW>;
@@ -221,21 +267,32 @@ void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
+    const int64_t row0 = p * kMR;
+    const int64_t rows_valid = imin(kMR, a.rows - row0);
     if (p != packed) {
-      pack_panel(a.a, a.rows, a.a_cols, p, ws);
-      if (kPairs) {
-        pack_pairs(ws, a.a_cols, a.depth_block, reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR));
-      } else if (!std::is_same<TW, float>::value) {
-        round_to_bf16(ws, a.a_cols * kMR);
+      uint32_t* pairs = reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR);
+      if (kPairs && rows_valid < kMR) {
+        pack_pairs_rows(a.a, a.a_cols, row0, rows_valid, a.depth_block, pairs);
+      } else if (kPairs && kMR == 16 && a.depth_block % 2 == 0) {
+        S::pack16(a.a + row0 * a.a_cols, a.a_cols, a.a_cols, pairs);  // no float panel
+      } else {
+        pack_panel(a.a, a.rows, a.a_cols, p, ws);
+        if (kPairs) {
+          pack_pairs(ws, a.a_cols, a.depth_block, pairs);
+        } else if (!std::is_same<TW, float>::value) {
+          round_to_bf16(ws, a.a_cols * kMR);
+        }
       }
       packed = p;
     }
-    const int64_t row0 = p * kMR;
-    const int64_t rows_valid = imin(kMR, a.rows - row0);
     if (std::is_same<TW, float>::value || rows_valid == kMR) {
       spmm_cols<TW, kMR>(a, ap, row0, rows_valid, ob);
     } else {
-      for (int64_t i = 0; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ap + i, row0 + i, 1, ob);
+      // Rows of a partial panel: tiles of 4 rows, then of one (kMR = 4 has no partial 4).
+      int64_t i = 0;
+      for (; kMR > 4 && i + 4 <= rows_valid; i += 4)
+        spmm_cols<TW, (kMR > 4 ? 4 : 1)>(a, ap + i, row0 + i, 4, ob);
+      for (; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ap + i, row0 + i, 1, ob);
     }
   }
 }

@@ -32,8 +32,14 @@ struct VecAvx512 {
   // 16 x 16 transpose in registers: unpack pairs of rows, then shuffle 2-float, 4-float and
   // 8-float groups (64 shuffles for 256 elements).
   static inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd) {
-    V r[16], t[16];
+    V r[16];
     for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+    transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
+  }
+  // The same in registers: r[i] lane j -> r[j] lane i.
+  static inline void transpose16(V (&r)[16]) {
+    V t[16];
     for (int i = 0; i < 16; i += 2) {
       t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
       t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -54,7 +60,6 @@ struct VecAvx512 {
       r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
       r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
     }
-    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
   }
   // The 16 row sums of 16 accumulators in one shuffle tree (15 adds instead of 16 reductions).
   // After the four levels, element 4*L + m of r holds row 4*m + L, undone by one permute.
