@@ -18,8 +18,9 @@ struct bf16 {
 // A[b, a_off : a_off + depth] @ panel_block + bias). Used by the forward (A = x, panel = W^T
 // blocks [bk][bn], block-columns of out = block rows of W) and by the input gradient (A = dy,
 // panel = W blocks [bn][bk] through the transposed index). TW is the element type of the packed
-// blocks (float, or bf16 for the serving form: widened to float as they are loaded; A is float
-// and the accumulation fp32 either way).
+// blocks (float, or bf16 for the serving form: widened to float as they are loaded, or on
+// AVX512_BF16 multiplied by k-pairs with A rounded to bf16; A is float and the accumulation fp32
+// either way).
 template <typename TW>
 struct SpmmArgsT {
   const float* a;              // A [rows][a_cols]; each task packs its panels of MR rows itself

@@ -1,12 +1,15 @@
 // The kernel bodies, written once over a vector type. Each ISA translation unit defines, inside
 // an anonymous namespace, `struct Vec` (V, W, zero, load, loadn, bcast, fma, add, relu, store,
-// storen, hsum, hsum_rows, transpose16) and the register-blocking constants kMR, kMaxNV, kNR1,
-// kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit
+// storen, hsum, hsum_rows, transpose16, kBf16Dot; where kBf16Dot, also load_pairs, dot_pairs and
+// pack_pairs16) and the register-blocking constants kMR, kMaxNV, kNR1, kNR2, kGemvRows, then
+// includes this file. Everything here has internal linkage, so each unit
 // gets its own copy compiled for its own target.
 //
 // The element type of the packed blocks is a template parameter TW of the spmm body (float for
 // the trainable layers, bf16 for the serving form): Vec::load/loadn have one overload per TW that
 // widens to the float vector, so a new block dtype is one more overload and one instantiation.
+// Where the ISA has a bf16 dot product (Vec::kBf16Dot), bf16 blocks are multiplied by k-pairs
+// instead (Step<bf16, true> below): the same body, two depth rows a step.
 //
 // Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
 // every depth step loads NV vectors of the packed block once and broadcasts MR values of A, so a
