@@ -377,8 +377,12 @@ def bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # (N, K, block): odd block depths (a k-pair never spans two block columns, the last pair of an
 # odd depth has a zero high half), K tails of odd and even depth, blocks narrower and wider than
-# a vector, bk = 1 (every step a half pair).
+# a vector, bk = 1 (every step a half pair); with even bk and B >= 16, the vector pair packing
+# of full panels with K below, at and past a multiple of its 32 columns.
 DOT_SHAPES = [
+    (30, 12, (8, 4)),
+    (20, 64, (16, 16)),
+    (36, 66, (12, 6)),
     (50, 37, (16, 7)),
     (33, 65, (5, 9)),
     (40, 31, (16, 16)),
