@@ -67,6 +67,7 @@ constexpr int kNR1 = 12;
 constexpr int kNR2 = 6;
 constexpr int kMaxNV = 2;
 constexpr int kGemvRows = 8;
+constexpr int kMinAcc = 8;  // spmm: accumulators a short tile keeps (1 row: 4 sets x 2 vectors)
 constexpr const char* kIsaName = "avx2";
 
 #include "kernels_impl.h"

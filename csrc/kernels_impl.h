@@ -1,8 +1,8 @@
 // The kernel bodies, written once over a vector type. Each ISA translation unit defines, inside
 // an anonymous namespace, `struct Vec` (V, W, zero, load, loadn, bcast, fma, add, relu, store,
 // storen, hsum, hsum_rows, transpose16, kBf16Dot; where kBf16Dot, also load_pairs, dot_pairs and
-// pack_pairs16) and the register-blocking constants kMR, kMaxNV, kNR1, kNR2, kGemvRows, then
-// includes this file. Everything here has internal linkage, so each unit
+// pack_pairs16) and the register-blocking constants kMR, kMaxNV, kNR1, kNR2, kGemvRows, kMinAcc,
+// then includes this file. Everything here has internal linkage, so each unit
 // gets its own copy compiled for its own target.
 //
 // The element type of the packed blocks is a template parameter TW of the spmm body (float for
@@ -90,8 +90,8 @@ inline void spmm_step(typename Vec::V (&acc)[ROWS][NV], const TW* pp, int64_t ld
 // column c of A starts at step c * ceil(depth_block / kDepth) of the panel.
 // A short tile (a few rows of a partial panel) would be one dependent chain of FMAs (or dot
 // products) per accumulator, bound by their latency: it then keeps SPLIT sets of accumulators,
-// used by consecutive depth steps in turn, and adds them up at the end. Tiles of at least 8
-// accumulators (every full-panel tile) have SPLIT = 1.
+// used by consecutive depth steps in turn, and adds them up at the end. Tiles of at least
+// kMinAcc accumulators (every full-panel tile) have SPLIT = 1.
 template <typename TW, int ROWS, int NV, bool PARTIAL>
 void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
                int64_t rows_valid, int64_t ob, int64_t col0, int64_t wv) {
@@ -99,7 +99,7 @@ void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t r
   using S = Step<TW>;
   constexpr int MR = ROWS;
   constexpr int W = Vec::W;
-  constexpr int SPLIT = MR * NV >= 8 ? 1 : 8 / (MR * NV);
+  constexpr int SPLIT = MR * NV >= kMinAcc ? 1 : kMinAcc / (MR * NV);
   V acc[SPLIT][MR][NV];
 #pragma GCC unroll 8
   for (int u = 0; u < SPLIT; ++u)
@@ -225,6 +225,19 @@ inline void pack_pairs_rows(const float* a, int64_t cols, int64_t row0, int64_t 
   }
 }
 
+// Rows [row0, row0 + rv) of A rounded to bf16 into the float panel o [cols][kMR], for a partial
+// panel of bf16 blocks on the widening step (like pack_pairs_rows: the other rows of the panel
+// are not read, so they are not written).
+inline void pack_rows_bf16(const float* a, int64_t cols, int64_t row0, int64_t rv, float* o) {
+  for (int64_t i = 0; i < rv; ++i) {
+    const float* x = a + (row0 + i) * cols;
+    for (int64_t k = 0; k < cols; ++k) {
+      const uint32_t u = bf16_round_bits(x[k]);
+      std::memcpy(o + k * kMR + i, &u, sizeof u);
+    }
+  }
+}
+
 // The column tiles of one (rows, block-column) pair.
 template <typename TW, int ROWS>
 void spmm_cols(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
@@ -276,6 +289,8 @@ void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
       uint32_t* pairs = reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR);
       if (kPairs && rows_valid < kMR) {
         pack_pairs_rows(a.a, a.a_cols, row0, rows_valid, a.depth_block, pairs);
+      } else if (!std::is_same<TW, float>::value && rows_valid < kMR) {
+        pack_rows_bf16(a.a, a.a_cols, row0, rows_valid, ws);
       } else if (kPairs && kMR == 16 && a.depth_block % 2 == 0) {
         S::pack16(a.a + row0 * a.a_cols, a.a_cols, a.a_cols, pairs);  // no float panel
       } else {

@@ -91,3 +91,4 @@ constexpr int kMaxNV = 1;      // (two vectors would need 32 accumulators: more 
 constexpr int kNR1 = 16;       // sddmm rows per tile with one vector of columns
 constexpr int kNR2 = 12;       // ... with two vectors
 constexpr int kGemvRows = 16;  // gemv rows of W accumulated at once
+constexpr int kMinAcc = 8;     // spmm: accumulators a short tile keeps (FMA/VDPBF16PS latency)
