@@ -248,10 +248,11 @@ def _outside_inference_mode(layer: torch.nn.Module, x: torch.Tensor) -> torch.Te
         return layer(x)
 
 
-def serving_targets(rows: list[dict[str, float]],
-                    stat: str = "ms") -> list[tuple[str, float, str, bool]]:
+def serving_targets(rows: list[dict[str, float]], stat: str = "ms",
+                    bf16_dot: bool = False) -> list[tuple[str, float, str, bool]]:
     """(description, measured, target, met) for issue 11's kernel targets, on the medians
-    (``stat="ms"``) or on the fastest repeats (``"min_ms"``)."""
+    (``stat="ms"``) or on the fastest repeats (``"min_ms"``). ``bf16_dot``: the bf16 kernel runs
+    on ``vdpbf16ps`` (path ``avx512_bf16``), where bf16 must beat fp32 by 1.5x at B >= 64."""
     out = []
     for full in rows:
         r = {**full, **{k.removesuffix(stat) + "ms": v for k, v in full.items()
@@ -266,7 +267,10 @@ def serving_targets(rows: list[dict[str, float]],
             out.append((f"int8 d=0.5 B={b} vs dense_int8", v, ">= 1.3x", v >= 1.3))
         if d == 0.1:
             v = r["ours_fp32_ms"] / r["ours_bf16_ms"]
-            out.append((f"bf16 d=0.1 B={b} vs ours_fp32 (no vdpbf16ps)", v, ">= 1.0x", v >= 1.0))
+            need = 1.5 if bf16_dot and b >= 64 else 1.0
+            kernel = "vdpbf16ps" if bf16_dot else "no vdpbf16ps"
+            out.append((f"bf16 d=0.1 B={b} vs ours_fp32 ({kernel})", v, f">= {need:.1f}x",
+                        v >= need))
         if d == 0.1 and b == 1:
             v = r["ours_fp32_nograd_ms"] / r["ours_fp32_ms"]
             out.append(("fp32 B=1 inference path vs no_grad entry", v, "> 1.0x", v > 1.0))
@@ -298,8 +302,9 @@ def run_serving(args: argparse.Namespace, budget: float) -> int:
         print(f"{r['batch']:>5}{r['density']:>6.2f}"
               + "".join(f"{r[f'{n}_min_ms']:>12.4f}" for n in names))
     print("\ntargets (ratios measured in the same rounds: medians, and fastest repeats)")
+    dot = facts["isa"] == "avx512_bf16"
     for (desc, med, target, met), (_, fast, _, fast_met) in zip(
-            serving_targets(rows), serving_targets(rows, "min_ms")):
+            serving_targets(rows, bf16_dot=dot), serving_targets(rows, "min_ms", dot)):
         verdict = "MET" if met else "MISSED"
         if fast_met != met:
             verdict += f" (on the mins: {'MET' if fast_met else 'MISSED'})"

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace adsparse {
 namespace {
@@ -29,7 +30,8 @@ template <typename TW>
 void run_spmm(const KernelTable& kt,
               void (*spmm)(const SpmmArgsT<TW>&, float*, int64_t, int64_t),
               const SpmmArgsT<TW>& a, int64_t items, int64_t grain) {
-  const int64_t panel = std::max<int64_t>(a.a_cols * kt.panel_rows, 1);
+  const int64_t panel = std::max<int64_t>(
+      spmm_ws_floats(a.a_cols, a.depth_block, kt.panel_rows, std::is_same<TW, bf16>::value), 1);
   at::Tensor ws = at::empty({at::get_num_threads(), panel}, at::kFloat);
   float* wp = ws.data_ptr<float>();
   at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) {
@@ -64,7 +66,10 @@ void run_block_product(const KernelTable& kt,
   a.out = out.data_ptr<float>();
   a.out_cols = out.size(1);
   const int64_t items = ceil_panels(a.rows, kt.panel_rows) * num_out_blocks;
-  const double per_item = static_cast<double>(kt.panel_rows) * a.panel_stride *
+  // A partial panel of bf16 blocks computes only its rows (the serving form's small batches).
+  const int64_t panel_rows = std::is_same<TW, bf16>::value
+                                 ? std::min<int64_t>(a.rows, kt.panel_rows) : kt.panel_rows;
+  const double per_item = static_cast<double>(panel_rows) * a.panel_stride *
                           static_cast<double>(nnzb) /
                           static_cast<double>(std::max<int64_t>(num_out_blocks, 1));
   run_spmm(kt, spmm, a, items, grain_for(per_item));

@@ -16,7 +16,7 @@ Isa best_supported_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("fma")) {
-      return Isa::kAvx512;
+      return __builtin_cpu_supports("avx512bf16") ? Isa::kAvx512Bf16 : Isa::kAvx512;
     }
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
 #endif
@@ -34,6 +34,8 @@ Isa selected_isa() {
   Isa want;
   if (value.empty() || value == "auto") {
     return best;
+  } else if (value == "avx512_bf16") {
+    want = Isa::kAvx512Bf16;
   } else if (value == "avx512") {
     want = Isa::kAvx512;
   } else if (value == "avx2") {
@@ -41,7 +43,7 @@ Isa selected_isa() {
   } else if (value == "scalar") {
     want = Isa::kScalar;
   } else {
-    TORCH_CHECK_VALUE(false, "ADSPARSE_CPU_ISA must be one of avx512, avx2, scalar or auto, got '",
+    TORCH_CHECK_VALUE(false, "ADSPARSE_CPU_ISA must be one of avx512_bf16, avx512, avx2, scalar or auto, got '",
                       env, "'");
   }
   return static_cast<int>(want) <= static_cast<int>(best) ? want : best;
@@ -49,6 +51,8 @@ Isa selected_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16:
+      return "avx512_bf16";
     case Isa::kAvx512:
       return "avx512";
     case Isa::kAvx2:
@@ -60,6 +64,7 @@ const char* isa_name(Isa isa) {
 
 const KernelTable& kernels_for(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
+  if (isa == Isa::kAvx512Bf16) return kernels_avx512_bf16();
   if (isa == Isa::kAvx512) return kernels_avx512();
   if (isa == Isa::kAvx2) return kernels_avx2();
 #endif
@@ -72,7 +77,7 @@ bool cpu_has_avx512_vnni() {
   static const bool has = [] {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_cpu_init();
-    return best_supported_isa() == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+    return best_supported_isa() >= Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
 #else
     return false;
 #endif
@@ -82,8 +87,8 @@ bool cpu_has_avx512_vnni() {
 
 const QKernelTable& qkernels_for(Isa isa) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (isa == Isa::kAvx512 && cpu_has_avx512_vnni()) return qkernels_avx512_vnni();
-  if (isa == Isa::kAvx512 || isa == Isa::kAvx2) return qkernels_avx2();
+  if (isa >= Isa::kAvx512 && cpu_has_avx512_vnni()) return qkernels_avx512_vnni();
+  if (isa >= Isa::kAvx2) return qkernels_avx2();
 #endif
   return qkernels_scalar();
 }

@@ -1,7 +1,8 @@
 // Run-time choice of the kernels' instruction set.
 //
-// The best path the CPU supports is used unless ADSPARSE_CPU_ISA=avx512|avx2|scalar (or auto)
-// says otherwise. The variable is read on every call (getenv is cheap next to a kernel), so a
+// The best path the CPU supports is used unless ADSPARSE_CPU_ISA=avx512_bf16|avx512|avx2|scalar
+// (or auto) says otherwise. avx512_bf16 is AVX-512 on a CPU with AVX512_BF16 as well: the same
+// fp32 kernels, and the bf16 serving form's spmm on VDPBF16PS (avx512 widens bf16 to fp32). The variable is read on every call (getenv is cheap next to a kernel), so a
 // test can switch paths inside one process. Forcing a path the CPU lacks does not crash: the
 // best supported path below the requested one runs instead (selected_cpu_isa() reports which).
 // An unknown value raises ValueError naming the variable.
@@ -12,7 +13,7 @@
 
 namespace adsparse {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 Isa best_supported_isa();
 Isa selected_isa();

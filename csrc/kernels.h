@@ -18,8 +18,9 @@ struct bf16 {
 // A[b, a_off : a_off + depth] @ panel_block + bias). Used by the forward (A = x, panel = W^T
 // blocks [bk][bn], block-columns of out = block rows of W) and by the input gradient (A = dy,
 // panel = W blocks [bn][bk] through the transposed index). TW is the element type of the packed
-// blocks (float, or bf16 for the serving form: widened to float as they are loaded; A is float
-// and the accumulation fp32 either way).
+// blocks (float, or bf16 for the serving form: widened to float as they are loaded, or on
+// AVX512_BF16 multiplied by k-pairs with A rounded to bf16; A is float and the accumulation fp32
+// either way).
 template <typename TW>
 struct SpmmArgsT {
   const float* a;              // A [rows][a_cols]; each task packs its panels of MR rows itself
@@ -85,6 +86,16 @@ struct KernelTable {
 const KernelTable& kernels_scalar();
 const KernelTable& kernels_avx2();
 const KernelTable& kernels_avx512();
+// AVX-512 with AVX512_BF16: the AVX-512 kernels, and spmm_bf16 on VDPBF16PS (k-pairs).
+const KernelTable& kernels_avx512_bf16();
+
+// Floats of one thread's spmm scratch: the packed panel (a_cols x MR floats) and, for bf16
+// blocks, room for the same panel as bf16 k-pairs per block column (ceil(depth / 2) pairs of
+// each, 32 bits a pair: the panel of the VDPBF16PS kernel; unused by the widening kernels).
+inline int64_t spmm_ws_floats(int64_t a_cols, int64_t depth, int64_t mr, bool bf16_blocks) {
+  const int64_t cols = depth > 0 ? (a_cols + depth - 1) / depth : 0;
+  return a_cols * mr + (bf16_blocks ? cols * ((depth + 1) / 2) * mr : 0);
+}
 
 // ---------------------------------------------------------------- int8 serving form
 // Weights of an int8 block-sparse layer, packed once when the layer is quantized:

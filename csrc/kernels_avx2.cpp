@@ -17,6 +17,7 @@ namespace {
 
 struct Vec {
   using V = __m256;
+  static constexpr bool kBf16Dot = false;  // bf16 blocks are widened to floats
   static constexpr int W = 8;
   static inline __m256i mask(int n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -66,6 +67,7 @@ constexpr int kNR1 = 12;
 constexpr int kNR2 = 6;
 constexpr int kMaxNV = 2;
 constexpr int kGemvRows = 8;
+constexpr int kMinAcc = 8;  // spmm: accumulators a short tile keeps (1 row: 4 sets x 2 vectors)
 constexpr const char* kIsaName = "avx2";
 
 #include "kernels_impl.h"

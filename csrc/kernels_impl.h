@@ -1,12 +1,15 @@
 // The kernel bodies, written once over a vector type. Each ISA translation unit defines, inside
 // an anonymous namespace, `struct Vec` (V, W, zero, load, loadn, bcast, fma, add, relu, store,
-// storen, hsum, hsum_rows, transpose16) and the register-blocking constants kMR, kMaxNV, kNR1,
-// kNR2, kGemvRows, then includes this file. Everything here has internal linkage, so each unit
+// storen, hsum, hsum_rows, transpose16, kBf16Dot; where kBf16Dot, also load_pairs, dot_pairs and
+// pack_pairs16) and the register-blocking constants kMR, kMaxNV, kNR1, kNR2, kGemvRows, kMinAcc,
+// then includes this file. Everything here has internal linkage, so each unit
 // gets its own copy compiled for its own target.
 //
 // The element type of the packed blocks is a template parameter TW of the spmm body (float for
 // the trainable layers, bf16 for the serving form): Vec::load/loadn have one overload per TW that
 // widens to the float vector, so a new block dtype is one more overload and one instantiation.
+// Where the ISA has a bf16 dot product (Vec::kBf16Dot), bf16 blocks are multiplied by k-pairs
+// instead (Step<bf16, true> below): the same body, two depth rows a step.
 //
 // Register blocking (why these shapes): the output is computed in tiles of MR rows x NV vectors;
 // every depth step loads NV vectors of the packed block once and broadcasts MR values of A, so a
@@ -22,42 +25,120 @@ inline int clamp_width(int64_t n) {
 }
 
 // ---------------------------------------------------------------- spmm (forward, input grad)
-// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 1 for the rows of a partial panel
-// of bf16 blocks: the serving form's small batches); the panel's row stride stays kMR.
-template <typename TW, int ROWS, int NV, bool PARTIAL>
-void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
-               int64_t ob, int64_t col0, int64_t wv) {
+// How a depth step of the packed blocks is multiplied, per block element type: Step<TW>.
+//   kDepth  depth rows of a block consumed by one step
+//   P       element of the packed panel of A: one per row of the panel and step
+//   load<PARTIAL, HI>(pp, ldp, n)  the step's weights for W columns from pp (n valid if
+//           PARTIAL); HI = false only for the last step of an odd depth (no row past it is read)
+//   madd(acc, a, w)  acc + the step's products of one row of A (from a) with w
+// By default a step is one depth row: the blocks are widened to floats as they are loaded
+// (bf16: a 16-bit shift), the panel holds floats (rounded to bf16 for bf16 blocks) and a step
+// is one FMA per row of A.
+// (X is Vec, a template parameter only so that Step<TW, true> names X's bf16 members lazily.)
+template <typename TW, bool DOT = std::is_same<TW, bf16>::value && Vec::kBf16Dot, typename X = Vec>
+struct Step {
   using V = typename Vec::V;
+  using P = float;
+  static constexpr int kDepth = 1;
+  template <bool PARTIAL, bool HI>
+  static inline V load(const TW* pp, int64_t, int n) {
+    return PARTIAL ? Vec::loadn(pp, n) : Vec::load(pp);
+  }
+  static inline V madd(V acc, const P* a, V w) { return Vec::fma(Vec::bcast(a), w, acc); }
+  static inline void pack16(const float*, int64_t, int64_t, uint32_t*) {}  // pairs only
+};
+
+// bf16 blocks on an ISA with a bf16 dot product (Vec::kBf16Dot: AVX512_BF16's VDPBF16PS, per
+// fp32 lane acc + a0*w0 + a1*w1 over a pair of bf16): a step is two depth rows. The two rows of
+// the block are interleaved into k-pairs as they are loaded (one permute per W columns, shared
+// by the panel's rows; the stored layout stays [bk][bn], which every path reads), and the panel
+// holds the activations as bf16 pairs (k, k+1) in 32-bit lanes (pack_pairs).
+template <typename TW, typename X>
+struct Step<TW, true, X> {
+  using V = typename X::V;
+  using P = uint32_t;
+  static constexpr int kDepth = 2;
+  template <bool PARTIAL, bool HI>
+  static inline V load(const TW* pp, int64_t ldp, int n) {
+    return X::template load_pairs<PARTIAL, HI>(pp, ldp, n);
+  }
+  static inline V madd(V acc, const P* a, V w) { return X::dot_pairs(acc, a, w); }
+  // The pairs of 16 full rows of A when every block column starts at an even k (kMR = 16).
+  static inline void pack16(const float* x, int64_t ldx, int64_t cols, uint32_t* o) {
+    X::pack_pairs16(x, ldx, cols, o);
+  }
+};
+
+// One depth step of a tile: NV vectors of the block, times ROWS rows of the panel from `aa`.
+template <typename TW, int ROWS, int NV, bool PARTIAL, bool HI>
+inline void spmm_step(typename Vec::V (&acc)[ROWS][NV], const TW* pp, int64_t ldp,
+                      const int (&nv)[NV], const typename Step<TW>::P* aa) {
+  using V = typename Vec::V;
+  using S = Step<TW>;
+  constexpr int W = Vec::W;
+  V w[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) w[v] = S::template load<PARTIAL, HI>(pp + v * W, ldp, nv[v]);
+#pragma GCC unroll 32
+  for (int i = 0; i < ROWS; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = S::madd(acc[i][v], aa + i, w[v]);
+}
+
+// ROWS rows of the packed panel from `ap` on (ROWS = kMR, or 4 or 1 for the rows of a partial panel
+// of bf16 blocks: the serving form's small batches); the panel's row stride stays kMR. Block
+// column c of A starts at step c * ceil(depth_block / kDepth) of the panel.
+// A short tile (a few rows of a partial panel) would be one dependent chain of FMAs (or dot
+// products) per accumulator, bound by their latency: it then keeps SPLIT sets of accumulators,
+// used by consecutive depth steps in turn, and adds them up at the end. Tiles of at least
+// kMinAcc accumulators (every full-panel tile) have SPLIT = 1.
+template <typename TW, int ROWS, int NV, bool PARTIAL>
+void spmm_tile(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
+               int64_t rows_valid, int64_t ob, int64_t col0, int64_t wv) {
+  using V = typename Vec::V;
+  using S = Step<TW>;
   constexpr int MR = ROWS;
   constexpr int W = Vec::W;
-  V acc[MR][NV];
+  constexpr int SPLIT = MR * NV >= kMinAcc ? 1 : kMinAcc / (MR * NV);
+  V acc[SPLIT][MR][NV];
+#pragma GCC unroll 8
+  for (int u = 0; u < SPLIT; ++u)
 #pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = Vec::zero();
+      for (int v = 0; v < NV; ++v) acc[u][i][v] = Vec::zero();
   int nv[NV];
   for (int v = 0; v < NV; ++v) nv[v] = clamp_width(wv - v * W);
 
+  const int64_t steps_block = (a.depth_block + S::kDepth - 1) / S::kDepth;
+  const int64_t ldp = a.ldp;
   const int64_t j1 = a.offsets[ob + 1];
   for (int64_t j = a.offsets[ob]; j < j1; ++j) {
     const int64_t blk = a.ids ? a.ids[j] : j;
-    const int64_t a_off = a.idx[j] * a.depth_block;
-    const int64_t depth = imin(a.depth_block, a.a_cols - a_off);
+    const int64_t c = a.idx[j];
+    const int64_t depth = imin(a.depth_block, a.a_cols - c * a.depth_block);
     const TW* pp = a.panel + blk * a.panel_stride + (col0 - ob * a.width_block);
-    const float* aa = ap + a_off * kMR;
-    for (int64_t t = 0; t < depth; ++t, pp += a.ldp, aa += kMR) {
-      V w[NV];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v)
-        w[v] = PARTIAL ? Vec::loadn(pp + v * W, nv[v]) : Vec::load(pp + v * W);
-#pragma GCC unroll 32
-      for (int i = 0; i < MR; ++i) {
-        const V xb = Vec::bcast(aa + i);
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[i][v] = Vec::fma(xb, w[v], acc[i][v]);
+    const typename S::P* aa = ap + c * steps_block * kMR;
+    const int64_t full = depth / S::kDepth;
+    int64_t t = 0;
+    if (SPLIT > 1) {
+      for (; t + SPLIT <= full; t += SPLIT) {
+#pragma GCC unroll 8
+        for (int u = 0; u < SPLIT; ++u, pp += S::kDepth * ldp, aa += kMR)
+          spmm_step<TW, MR, NV, PARTIAL, true>(acc[u], pp, ldp, nv, aa);
       }
     }
+    for (; t < full; ++t, pp += S::kDepth * ldp, aa += kMR)
+      spmm_step<TW, MR, NV, PARTIAL, true>(acc[0], pp, ldp, nv, aa);
+    if (S::kDepth > 1 && full * S::kDepth < depth)
+      spmm_step<TW, MR, NV, PARTIAL, false>(acc[SPLIT - 1], pp, ldp, nv, aa);
   }
+#pragma GCC unroll 8
+  for (int u = 1; u < SPLIT; ++u)
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[0][i][v] = Vec::add(acc[0][i][v], acc[u][i][v]);
 
   V bias[NV];
   for (int v = 0; v < NV; ++v)
@@ -68,7 +149,7 @@ void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
     float* o = a.out + (row0 + i) * a.out_cols + col0;
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      V r = Vec::add(acc[i][v], bias[v]);
+      V r = Vec::add(acc[0][i][v], bias[v]);
       if (a.relu) r = Vec::relu(r);
       if (PARTIAL) {
         Vec::storen(o + v * W, r, nv[v]);
@@ -81,23 +162,86 @@ void spmm_tile(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
 
 void pack_panel(const float* a, int64_t rows, int64_t cols, int64_t p, float* o);
 
-// Rounds floats to the nearest bfloat16 (ties to even), in place: the activations of the bf16
-// serving form, rounded in the L2-resident panel instead of in two passes over all of x. NaN
+// The bits of a float rounded to the nearest bfloat16 (ties to even; low 16 bits zero). NaN
 // stays NaN (quieted, then truncated); a finite value past the largest bf16 becomes inf.
+inline uint32_t bf16_round_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  return u & 0xffff0000u;
+}
+
+// Rounds floats to the nearest bfloat16, in place: the activations of the bf16 serving form,
+// rounded in the L2-resident panel instead of in two passes over all of x.
 inline void round_to_bf16(float* p, int64_t n) {
   for (int64_t k = 0; k < n; ++k) {
-    uint32_t u;
-    std::memcpy(&u, p + k, sizeof u);
-    u = (u & 0x7fffffffu) > 0x7f800000u ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
-    u &= 0xffff0000u;
+    const uint32_t u = bf16_round_bits(p[k]);
     std::memcpy(p + k, &u, sizeof u);
+  }
+}
+
+// The panel of the bf16 dot-product step (Step<bf16, true>): from the packed float panel f
+// [cols][kMR], the pair (k, k+1) = (c * bk + 2s, + 1) of block column c at [c * ceil(bk/2) + s]
+// [kMR], both rounded to bf16, low half k; the high half is zero past the block's depth (an odd
+// bk, or the last block column's tail), so a pair never mixes two block columns.
+inline void pack_pairs(const float* f, int64_t cols, int64_t bk, uint32_t* o) {
+  const int64_t hp = (bk + 1) / 2;
+  for (int64_t c = 0; c * bk < cols; ++c) {
+    const int64_t depth = imin(bk, cols - c * bk);
+    const float* src = f + c * bk * kMR;
+    uint32_t* dst = o + c * hp * kMR;
+    int64_t s = 0;
+    for (; 2 * s + 1 < depth; ++s) {
+      const float* lo = src + 2 * s * kMR;
+      uint32_t* d = dst + s * kMR;
+      for (int i = 0; i < kMR; ++i)
+        d[i] = (bf16_round_bits(lo[i]) >> 16) | bf16_round_bits(lo[kMR + i]);
+    }
+    if (2 * s < depth) {
+      const float* lo = src + 2 * s * kMR;
+      uint32_t* d = dst + s * kMR;
+      for (int i = 0; i < kMR; ++i) d[i] = bf16_round_bits(lo[i]) >> 16;
+    }
+  }
+}
+
+// The same pairs for rows [row0, row0 + rv) of A [rows][cols], straight from A, for a partial
+// panel (rv < kMR): its rows run as tiles of their own, so the panel's other rows are not
+// written, and the float panel is not needed.
+inline void pack_pairs_rows(const float* a, int64_t cols, int64_t row0, int64_t rv, int64_t bk,
+                            uint32_t* o) {
+  const int64_t hp = (bk + 1) / 2;
+  for (int64_t i = 0; i < rv; ++i) {
+    const float* x = a + (row0 + i) * cols;
+    for (int64_t c = 0; c * bk < cols; ++c) {
+      const int64_t depth = imin(bk, cols - c * bk);
+      const float* xc = x + c * bk;
+      uint32_t* d = o + c * hp * kMR + i;
+      int64_t s = 0;
+      for (; 2 * s + 1 < depth; ++s)
+        d[s * kMR] = (bf16_round_bits(xc[2 * s]) >> 16) | bf16_round_bits(xc[2 * s + 1]);
+      if (2 * s < depth) d[s * kMR] = bf16_round_bits(xc[2 * s]) >> 16;
+    }
+  }
+}
+
+// Rows [row0, row0 + rv) of A rounded to bf16 into the float panel o [cols][kMR], for a partial
+// panel of bf16 blocks on the widening step (like pack_pairs_rows: the other rows of the panel
+// are not read, so they are not written).
+inline void pack_rows_bf16(const float* a, int64_t cols, int64_t row0, int64_t rv, float* o) {
+  for (int64_t i = 0; i < rv; ++i) {
+    const float* x = a + (row0 + i) * cols;
+    for (int64_t k = 0; k < cols; ++k) {
+      const uint32_t u = bf16_round_bits(x[k]);
+      std::memcpy(o + k * kMR + i, &u, sizeof u);
+    }
   }
 }
 
 // The column tiles of one (rows, block-column) pair.
 template <typename TW, int ROWS>
-void spmm_cols(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t rows_valid,
-               int64_t ob) {
+void spmm_cols(const SpmmArgsT<TW>& a, const typename Step<TW>::P* ap, int64_t row0,
+               int64_t rows_valid, int64_t ob) {
   constexpr int W = Vec::W;
   constexpr int NV2 = kMaxNV >= 2 ? 2 : 1;
   const int64_t cbase = ob * a.width_block;
@@ -122,25 +266,51 @@ void spmm_cols(const SpmmArgsT<TW>& a, const float* ap, int64_t row0, int64_t ro
 }
 
 // Items are panel-major, so a task packs each of its panels once into `ws` (a_cols x MR floats,
-// L2-resident) right before using it, instead of packing all of A into a buffer as large as A.
+// L2-resident) right before using it, instead of packing all of A into a buffer as large as A;
+// the dot-product step packs its bf16 pairs after them (spmm_ws_floats in kernels.h).
 // A partial panel of bf16 blocks (the serving form, where B = 1..15 is the common case) runs
-// one-row tiles instead of computing kMR rows for a few.
+// tiles of 4 rows and of one instead of computing kMR rows for a few.
 template <typename TW>
 void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
+  using S = Step<TW>;
+  constexpr bool kPairs = S::kDepth == 2;
+  const typename S::P* ap;
+  if (kPairs) {
+    ap = reinterpret_cast<const typename S::P*>(ws + a.a_cols * kMR);
+  } else {
+    ap = reinterpret_cast<const typename S::P*>(ws);
+  }
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
-    if (p != packed) {
-      pack_panel(a.a, a.rows, a.a_cols, p, ws);
-      if (!std::is_same<TW, float>::value) round_to_bf16(ws, a.a_cols * kMR);
-      packed = p;
-    }
     const int64_t row0 = p * kMR;
     const int64_t rows_valid = imin(kMR, a.rows - row0);
+    if (p != packed) {
+      uint32_t* pairs = reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR);
+      if (kPairs && rows_valid < kMR) {
+        pack_pairs_rows(a.a, a.a_cols, row0, rows_valid, a.depth_block, pairs);
+      } else if (!std::is_same<TW, float>::value && rows_valid < kMR) {
+        pack_rows_bf16(a.a, a.a_cols, row0, rows_valid, ws);
+      } else if (kPairs && kMR == 16 && a.depth_block % 2 == 0) {
+        S::pack16(a.a + row0 * a.a_cols, a.a_cols, a.a_cols, pairs);  // no float panel
+      } else {
+        pack_panel(a.a, a.rows, a.a_cols, p, ws);
+        if (kPairs) {
+          pack_pairs(ws, a.a_cols, a.depth_block, pairs);
+        } else if (!std::is_same<TW, float>::value) {
+          round_to_bf16(ws, a.a_cols * kMR);
+        }
+      }
+      packed = p;
+    }
     if (std::is_same<TW, float>::value || rows_valid == kMR) {
-      spmm_cols<TW, kMR>(a, ws, row0, rows_valid, ob);
+      spmm_cols<TW, kMR>(a, ap, row0, rows_valid, ob);
     } else {
-      for (int64_t i = 0; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ws + i, row0 + i, 1, ob);
+      // Rows of a partial panel: tiles of 4 rows, then of one (kMR = 4 has no partial 4).
+      int64_t i = 0;
+      for (; kMR > 4 && i + 4 <= rows_valid; i += 4)
+        spmm_cols<TW, (kMR > 4 ? 4 : 1)>(a, ap + i, row0 + i, 4, ob);
+      for (; i < rows_valid; ++i) spmm_cols<TW, 1>(a, ap + i, row0 + i, 1, ob);
     }
   }
 }

@@ -12,6 +12,7 @@ namespace {
 
 struct Vec {
   static constexpr int W = 8;
+  static constexpr bool kBf16Dot = false;  // bf16 blocks are widened to floats
   struct V {
     float f[W];
   };
@@ -91,6 +92,7 @@ constexpr int kNR1 = 4;
 constexpr int kNR2 = 4;
 constexpr int kMaxNV = 2;
 constexpr int kGemvRows = 4;
+constexpr int kMinAcc = 1;  // no split: arrays of floats, not registers (extra sets spill)
 constexpr const char* kIsaName = "scalar";
 
 #include "kernels_impl.h"

@@ -52,7 +52,8 @@ TORCH_LIBRARY(adsparse, m) {
       "int activation) -> Tensor");
   // Symmetric per-row int8 quantization of x [B, K]: (qx int8 [B, K], scale fp32 [B]).
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
-  // The instruction set the CPU kernels would use now: "avx512", "avx2" or "scalar". It honours
+  // The instruction set the CPU kernels would use now: "avx512_bf16" (AVX-512 with VDPBF16PS for
+  // the bf16 serving form), "avx512", "avx2" or "scalar". It honours
   // ADSPARSE_CPU_ISA (read on each call); a forced path the CPU lacks reports the fallback.
   // No tensor arguments, so the implementation is registered as a catch-all with the schema.
   m.def("selected_cpu_isa() -> str", &adsparse::selected_cpu_isa_op);

@@ -19,7 +19,7 @@ import torch
 from adsparse.layout import BlockSparseWeight
 
 EPS32 = torch.finfo(torch.float32).eps
-CPU_ISAS = ("avx512", "avx2", "scalar")
+CPU_ISAS = ("avx512_bf16", "avx512", "avx2", "scalar")
 
 
 @pytest.fixture(autouse=True)

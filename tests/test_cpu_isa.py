@@ -47,7 +47,7 @@ def test_selected_cpu_isa_default_and_forced(monkeypatch: pytest.MonkeyPatch) ->
     assert _best_isa() == best
     monkeypatch.setenv("ADSPARSE_CPU_ISA", "SCALAR")  # case-insensitive
     assert _best_isa() == "scalar"
-    order = list(reversed(CPU_ISAS))  # scalar < avx2 < avx512
+    order = list(reversed(CPU_ISAS))  # scalar < avx2 < avx512 < avx512_bf16
     for want in CPU_ISAS:
         monkeypatch.setenv("ADSPARSE_CPU_ISA", want)
         got = _best_isa()

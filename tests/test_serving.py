@@ -362,3 +362,64 @@ def test_bf16_small_batches_every_path(cpu_isa, b):
     """Partial panels of bf16 blocks run one-row tiles: every batch size around the panels."""
     layer, served = layer_pair(70, 50, (16, 16), 0.5, True, "relu", "bf16")
     check_bf16(layer, served, torch.randn(b, 50))
+
+
+# --------------------------------------------------------------------------- bf16 dot product
+@pytest.fixture
+def bf16_dot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VDPBF16PS kernel (ADSPARSE_CPU_ISA=avx512_bf16): k-pairs of the blocks and of x."""
+    monkeypatch.setenv("ADSPARSE_CPU_ISA", "avx512_bf16")
+    selected = OPS.selected_cpu_isa()
+    if selected != "avx512_bf16":
+        pytest.skip(f"this CPU has no AVX512_BF16 (no vdpbf16ps): the kernels selected "
+                    f"{selected!r} for ADSPARSE_CPU_ISA=avx512_bf16")
+
+
+# (N, K, block): odd block depths (a k-pair never spans two block columns, the last pair of an
+# odd depth has a zero high half), K tails of odd and even depth, blocks narrower and wider than
+# a vector, bk = 1 (every step a half pair); with even bk and B >= 16, the vector pair packing
+# of full panels with K below, at and past a multiple of its 32 columns.
+DOT_SHAPES = [
+    (30, 12, (8, 4)),
+    (20, 64, (16, 16)),
+    (36, 66, (12, 6)),
+    (50, 37, (16, 7)),
+    (33, 65, (5, 9)),
+    (40, 31, (16, 16)),
+    (70, 90, (32, 32)),
+    (24, 5, (16, 1)),
+    (130, 100, (17, 33)),
+    (48, 64, (1, 2)),
+    (20, 19, (24, 3)),
+]
+
+
+@pytest.mark.parametrize(("n", "k", "block"), DOT_SHAPES, ids=str)
+@pytest.mark.parametrize("b", [1, 2, 7, 16, 17, 40])
+@pytest.mark.parametrize(("has_bias", "activation"), [(True, "relu"), (False, None)])
+def test_bf16_dot_kernel(bf16_dot, one_thread, n, k, block, b, has_bias, activation):
+    layer, served = layer_pair(n, k, block, 0.6, has_bias, activation, "bf16")
+    check_bf16(layer, served, torch.randn(b, k))
+
+
+@pytest.mark.parametrize("b", [1, 64, 300])
+def test_bf16_dot_kernel_two_threads_and_paths_agree(bf16_dot, monkeypatch, b):
+    """A larger layer on two threads; the widening AVX-512 path gives the same result within
+    fp32 summation-order error."""
+    layer, served = layer_pair(512, 384, (16, 16), 0.1, True, "relu", "bf16")
+    x = torch.randn(b, 384)
+    check_bf16(layer, served, x)
+    y = served(x)
+    monkeypatch.setenv("ADSPARSE_CPU_ISA", "avx512")
+    torch.testing.assert_close(y, served(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_dot_kernel_nan_inf(bf16_dot):
+    layer, served = layer_pair(40, 30, (8, 5), 1.0, True, "relu", "bf16")
+    x = torch.randn(4, 30)
+    x[1, 4] = float("nan")
+    x[2, 7] = float("inf")
+    y = served(x)
+    assert bool(torch.isnan(y[1]).all())
+    assert not bool(torch.isnan(y[[0, 3]]).any())
+    check_bf16(layer, served, x[[0, 3]])
