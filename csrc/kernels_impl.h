@@ -180,6 +180,16 @@ inline void round_to_bf16(float* p, int64_t n) {
   }
 }
 
+// The bf16 pairs of one row of one block column: element k at src[k * stride], pair s (k = 2s,
+// 2s + 1; low half k) to d[s * kMR]; the high half of a last odd pair is zero.
+inline void pair_up(const float* src, int64_t stride, int64_t depth, uint32_t* d) {
+  int64_t s = 0;
+  for (; 2 * s + 1 < depth; ++s)
+    d[s * kMR] = (bf16_round_bits(src[2 * s * stride]) >> 16) |
+                 bf16_round_bits(src[(2 * s + 1) * stride]);
+  if (2 * s < depth) d[s * kMR] = bf16_round_bits(src[2 * s * stride]) >> 16;
+}
+
 // The panel of the bf16 dot-product step (Step<bf16, true>): from the packed float panel f
 // [cols][kMR], the pair (k, k+1) = (c * bk + 2s, + 1) of block column c at [c * ceil(bk/2) + s]
 // [kMR], both rounded to bf16, low half k; the high half is zero past the block's depth (an odd
@@ -188,20 +198,8 @@ inline void pack_pairs(const float* f, int64_t cols, int64_t bk, uint32_t* o) {
   const int64_t hp = (bk + 1) / 2;
   for (int64_t c = 0; c * bk < cols; ++c) {
     const int64_t depth = imin(bk, cols - c * bk);
-    const float* src = f + c * bk * kMR;
-    uint32_t* dst = o + c * hp * kMR;
-    int64_t s = 0;
-    for (; 2 * s + 1 < depth; ++s) {
-      const float* lo = src + 2 * s * kMR;
-      uint32_t* d = dst + s * kMR;
-      for (int i = 0; i < kMR; ++i)
-        d[i] = (bf16_round_bits(lo[i]) >> 16) | bf16_round_bits(lo[kMR + i]);
-    }
-    if (2 * s < depth) {
-      const float* lo = src + 2 * s * kMR;
-      uint32_t* d = dst + s * kMR;
-      for (int i = 0; i < kMR; ++i) d[i] = bf16_round_bits(lo[i]) >> 16;
-    }
+    for (int i = 0; i < kMR; ++i)
+      pair_up(f + c * bk * kMR + i, kMR, depth, o + c * hp * kMR + i);
   }
 }
 
@@ -213,15 +211,8 @@ inline void pack_pairs_rows(const float* a, int64_t cols, int64_t row0, int64_t 
   const int64_t hp = (bk + 1) / 2;
   for (int64_t i = 0; i < rv; ++i) {
     const float* x = a + (row0 + i) * cols;
-    for (int64_t c = 0; c * bk < cols; ++c) {
-      const int64_t depth = imin(bk, cols - c * bk);
-      const float* xc = x + c * bk;
-      uint32_t* d = o + c * hp * kMR + i;
-      int64_t s = 0;
-      for (; 2 * s + 1 < depth; ++s)
-        d[s * kMR] = (bf16_round_bits(xc[2 * s]) >> 16) | bf16_round_bits(xc[2 * s + 1]);
-      if (2 * s < depth) d[s * kMR] = bf16_round_bits(xc[2 * s]) >> 16;
-    }
+    for (int64_t c = 0; c * bk < cols; ++c)
+      pair_up(x + c * bk, 1, imin(bk, cols - c * bk), o + c * hp * kMR + i);
   }
 }
 
@@ -274,19 +265,16 @@ template <typename TW>
 void spmm(const SpmmArgsT<TW>& a, float* ws, int64_t begin, int64_t end) {
   using S = Step<TW>;
   constexpr bool kPairs = S::kDepth == 2;
-  const typename S::P* ap;
-  if (kPairs) {
-    ap = reinterpret_cast<const typename S::P*>(ws + a.a_cols * kMR);
-  } else {
-    ap = reinterpret_cast<const typename S::P*>(ws);
-  }
+  // The dot-product step's bf16 pairs follow the float panel in ws (spmm_ws_floats).
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR);
+  const auto* ap = reinterpret_cast<const typename S::P*>(kPairs ? static_cast<void*>(pairs)
+                                                                 : static_cast<void*>(ws));
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, ob = item % a.num_out_blocks;
     const int64_t row0 = p * kMR;
     const int64_t rows_valid = imin(kMR, a.rows - row0);
     if (p != packed) {
-      uint32_t* pairs = reinterpret_cast<uint32_t*>(ws + a.a_cols * kMR);
       if (kPairs && rows_valid < kMR) {
         pack_pairs_rows(a.a, a.a_cols, row0, rows_valid, a.depth_block, pairs);
       } else if (!std::is_same<TW, float>::value && rows_valid < kMR) {
