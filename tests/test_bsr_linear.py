@@ -88,6 +88,17 @@ def test_batch_and_block_sizes_around_kernel_tiles(cpu_isa, b, block):
     _check(w, torch.randn(b, 100), torch.randn(130), "relu")
 
 
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("block", [(16, 4), (16, 8), (16, 16), (8, 32), (16, 64)])
+def test_small_batch_whole_blocks(cpu_isa, b, block):
+    """K a multiple of the block depth: the gemv kernel's unmasked paths (blocks exactly one or
+    two vectors deep, per ISA), its general path for other depths, and a partial group of rows
+    (N = 130)."""
+    k = 4 * block[1]
+    w = random_bsr(130, k, block, 0.5)
+    _check(w, torch.randn(b, k), torch.randn(130), "relu")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_thread_counts(threads):
     before = torch.get_num_threads()
