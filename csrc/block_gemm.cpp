@@ -175,45 +175,28 @@ void backward_weight_sddmm(const KernelTable& kt, const at::Tensor& g, const at:
                    [&](int64_t b, int64_t e) { kt.sddmm(a, b, e); });
 }
 
-void quantize_rows(const QKernelTable& qt, const at::Tensor& x, int64_t ldx, at::Tensor& qx,
-                   at::Tensor& sx) {
+void quantize_rows(const QKernelTable& qt, const at::Tensor& x, at::Tensor& qx, at::Tensor& sx) {
   const int64_t B = x.size(0), K = x.size(1);
   const float* src = x.data_ptr<float>();
   int8_t* q = qx.data_ptr<int8_t>();
   float* s = sx.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(K, 1));
   at::parallel_for(0, B, grain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* xr = src + b * K;
-      int8_t* qr = q + b * ldx;
-      const uint32_t bits = qt.absmax_bits(xr, K);
-      std::fill(qr + K, qr + ldx, static_cast<int8_t>(0));
-      float amax;
-      std::memcpy(&amax, &bits, sizeof amax);
-      if (bits >= 0x7f800000u) {  // inf or NaN: the whole row's outputs become NaN
-        s[b] = std::numeric_limits<float>::quiet_NaN();
-        std::fill(qr, qr + K, static_cast<int8_t>(0));
-      } else if (amax < kQuantTinyRow) {  // zero (or negligible) row: 127 / amax may overflow
-        s[b] = 0.0f;
-        std::fill(qr, qr + K, static_cast<int8_t>(0));
-      } else {
-        // |x * inv| <= amax * (127 / amax) < 127.5, so no value needs clamping.
-        s[b] = amax / 127.0f;
-        qt.quantize(xr, K, 127.0f / amax, qr);
-      }
-    }
+    for (int64_t b = b0; b < b1; ++b) s[b] = qt.quantize_row(src + b * K, K, q + b * K);
   });
 }
 
-void forward_int8(const QKernelTable& qt, const at::Tensor& qx, const at::Tensor& sx,
-                  const at::Tensor& w, const float* sw, int64_t bn, int64_t bk,
-                  const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
-                  const float* bias, int relu, at::Tensor& y) {
+void forward_int8(const QKernelTable& qt, const at::Tensor& x, const at::Tensor& w,
+                  const float* sw, int64_t bn, int64_t bk, const int64_t* row_offsets,
+                  const int64_t* col_indices, int64_t R, const float* bias, int relu,
+                  at::Tensor& y) {
   QArgs a;
-  a.qx = qx.data_ptr<int8_t>();
-  a.sx = sx.data_ptr<float>();
-  a.rows = qx.size(0);
-  a.ldx = qx.size(1);
+  a.x = x.data_ptr<float>();
+  a.rows = x.size(0);
+  a.K = x.size(1);
+  // A panel row covers every group of the last block column (zero past K).
+  const int64_t C = ceil_panels(a.K, bk);
+  a.ldx = std::max<int64_t>(a.K, C == 0 ? 0 : (C - 1) * bk + w.size(1) * kQGroup);
   a.w = w.data_ptr<int8_t>();
   a.sw = sw;
   a.bn = bn;
@@ -228,7 +211,7 @@ void forward_int8(const QKernelTable& qt, const at::Tensor& qx, const at::Tensor
   a.relu = relu;
   a.out = y.data_ptr<float>();
   const int64_t panels = ceil_panels(a.rows, qt.panel_rows);
-  const int64_t ws_bytes = std::max<int64_t>(qt.panel_rows * a.ldx * qt.act_bytes, 1);
+  const int64_t ws_bytes = qspmm_ws_bytes(a.ldx, qt.panel_rows, qt.act_bytes);
   at::Tensor ws = at::empty({at::get_num_threads(), ws_bytes}, at::kByte);
   uint8_t* wp = ws.data_ptr<uint8_t>();
   const double per_item = static_cast<double>(qt.panel_rows) * a.bn16 * a.groups * kQGroup *

@@ -27,18 +27,12 @@ void forward_spmm_bf16(const KernelTable& kt, const at::Tensor& x, const at::Ten
                        const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
                        const float* bias, int relu, at::Tensor& y);
 
-// Rows whose largest magnitude is below this quantize to zero (scale 0): 127 / amax would
-// overflow fp32 below ~3.7e-37, and such a row adds at most K * 1e-30 * max|W| to the output.
-constexpr float kQuantTinyRow = 1e-30f;
+// Symmetric per-row int8 quantization (QKernelTable::quantize_row): qx [B, K] int8, sx [B].
+void quantize_rows(const QKernelTable& qt, const at::Tensor& x, at::Tensor& qx, at::Tensor& sx);
 
-// Symmetric per-row int8 quantization: qx [B, ldx] = round(x * (127 / max|x[b]|)) (half to even,
-// zero past K), sx [B] = max|x[b]| / 127. A row below kQuantTinyRow gets scale 0 (all zero); a
-// row holding inf or NaN gets scale NaN (its outputs are NaN).
-void quantize_rows(const QKernelTable& qt, const at::Tensor& x, int64_t ldx, at::Tensor& qx,
-                   at::Tensor& sx);
-
-// y [B, N] = act(sx[b] * sw[n] * (qx @ qw^T)[b, n] + bias[n]), qw packed as in kernels.h.
-void forward_int8(const QKernelTable& qt, const at::Tensor& qx, const at::Tensor& sx,
+// y [B, N] = act(sx[b] * sw[n] * (qx @ qw^T)[b, n] + bias[n]) from fp32 x (quantized per row on
+// the fly, as quantize_rows does), qw packed as in kernels.h.
+void forward_int8(const QKernelTable& qt, const at::Tensor& x,
                   const at::Tensor& w, const float* sw, int64_t bn, int64_t bk,
                   const int64_t* row_offsets, const int64_t* col_indices, int64_t R,
                   const float* bias, int relu, at::Tensor& y);

@@ -98,16 +98,9 @@ at::Tensor bsr_linear_serve_cpu(const at::Tensor& x_in, const at::Tensor& weight
     case at::kBFloat16:
       forward_spmm_bf16(selected_kernels(), x, w, ro, ci, R, bp, relu, y);  // rounds x to bf16
       break;
-    default: {  // int8
-      const int64_t C = ceil_div(K, bk);
-      const int64_t ldx = std::max<int64_t>(K, C == 0 ? 0 : (C - 1) * bk + w.size(1) * kQGroup);
-      at::Tensor qx = at::empty({B, ldx}, x.options().dtype(at::kChar));
-      at::Tensor sx = at::empty({B}, x.options());
-      const QKernelTable& qt = selected_qkernels();
-      quantize_rows(qt, x, ldx, qx, sx);
-      forward_int8(qt, qx, sx, w, sw.data_ptr<float>(), bn, bk, ro, ci, R, bp,
-                   relu, y);
-    }
+    default:  // int8: x is quantized per row as the kernel packs it
+      forward_int8(selected_qkernels(), x, w, sw.data_ptr<float>(), bn, bk, ro, ci, R, bp, relu,
+                   y);
   }
   return y;
 }
@@ -120,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor qx = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
   at::Tensor sx = at::empty({x.size(0)}, x.options());
-  if (x.size(0) > 0) quantize_rows(selected_qkernels(), x, x.size(1), qx, sx);
+  if (x.size(0) > 0) quantize_rows(selected_qkernels(), x, qx, sx);
   return {qx, sx};
 }
 

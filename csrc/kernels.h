@@ -4,7 +4,9 @@
 // by the linker into a function that an AVX2-only CPU runs (ODR across target flags).
 // The drivers (bsr_linear.cpp, masked_linear.cpp) validate, allocate, pack and parallelise.
 #pragma once
+#include <algorithm>  // std::fill in qkernels_impl.h, which each ISA unit includes in a namespace
 #include <cstdint>
+#include <limits>
 
 namespace adsparse {
 
@@ -105,11 +107,18 @@ inline int64_t spmm_ws_floats(int64_t a_cols, int64_t depth, int64_t mr, bool bf
 constexpr int64_t kQGroup = 4;    // k per group
 constexpr int64_t kQColPad = 16;  // columns rounded up to this
 
-// y[b, n] = act(sx[b] * sw[n] * sum_k qx[b, k] * qw[n, k] + bias[n]), int32 accumulation.
+// Rows whose largest magnitude is below this quantize to zero (scale 0): 127 / amax would
+// overflow fp32 below ~3.7e-37, and such a row adds at most K * 1e-30 * max|W| to the output.
+constexpr float kQuantTinyRow = 1e-30f;
+
+// y[b, n] = act(sx[b] * sw[n] * sum_k qx[b, k] * qw[n, k] + bias[n]), int32 accumulation, where
+// qx[b] = round(x[b] * 127 / max|x[b]|) and sx[b] = max|x[b]| / 127: each task quantizes the rows
+// of its panels as it packs them (QKernelTable::quantize_row), so no quantized copy of x is
+// allocated or written (at B = 2048, K = 1024: 2 MB, freshly mapped pages at every call).
 struct QArgs {
-  const int8_t* qx;            // quantized activations [rows][ldx], zero past K
-  const float* sx;             // [rows] activation scale of each row
-  int64_t rows, ldx;
+  const float* x;              // fp32 activations [rows][K]
+  int64_t rows, K;
+  int64_t ldx;                 // row length of a packed panel: >= K, covers every block's groups
   const int8_t* w;             // packed weights (layout above)
   const float* sw;             // [N] weight scale of each output channel
   int64_t bn, bk, bn16, groups;  // groups = ceil(bk / 4)
@@ -122,18 +131,25 @@ struct QArgs {
   float* out;                  // [rows][N]
 };
 
+// Bytes of one thread's qspmm scratch: the panel [mr][ldx] of activations (act_bytes each), the
+// panel's row scales [mr] (fp32, 4-byte aligned) and one quantized row [ldx] (int8), rounded up
+// to whole cache lines so the threads' scratches stay aligned and apart.
+inline int64_t qspmm_ws_bytes(int64_t ldx, int64_t mr, int64_t act_bytes) {
+  return ((mr * ldx * act_bytes + 3) / 4 * 4 + mr * 4 + ldx + 63) / 64 * 64;
+}
+
 struct QKernelTable {
   const char* name;
-  int panel_rows;         // MR: rows of qx per panel
+  int panel_rows;         // MR: rows of x per panel
   int act_bytes;          // bytes per activation in the per-thread panel (int16 or uint8)
   // Items [begin, end) are (panel, block row) pairs, panel-major; `ws` is the calling thread's
-  // scratch of panel_rows * ldx * act_bytes bytes.
+  // scratch of qspmm_ws_bytes(ldx, panel_rows, act_bytes) bytes.
   void (*qspmm)(const QArgs&, void* ws, int64_t begin, int64_t end);
-  // max over k of the bits of |x[k]| as uint32 (orders like the values; > 0x7f800000 is NaN).
-  uint32_t (*absmax_bits)(const float* x, int64_t n);
-  // q[k] = round_half_even(x[k] * inv) for |x[k] * inv| <= 127: the multiply is rounded to fp32
-  // first (never fused), so every ISA gives the same bytes.
-  void (*quantize)(const float* x, int64_t n, float inv, int8_t* q);
+  // One row's symmetric quantization: q[k] = round_half_even(x[k] * (127 / amax)), amax =
+  // max|x[k]|, the multiply rounded to fp32 first (never fused), so every ISA gives the same
+  // bytes; returns the scale amax / 127. A row below kQuantTinyRow gets scale 0 and zeros, a
+  // row holding inf or NaN scale NaN (its outputs are NaN) and zeros.
+  float (*quantize_row)(const float* x, int64_t n, int8_t* q);
 };
 
 const QKernelTable& qkernels_scalar();

@@ -16,27 +16,36 @@
 //
 // Everything has internal linkage, so each unit gets its own copy compiled for its own target.
 // The weights are packed once, when a layer is quantized (kernels.h, QArgs), so no call
-// repacks them; a call converts its panels of activations (kQMR rows) once per task.
+// repacks them; a call quantizes and converts its panels of activations (kQMR rows) once per
+// task.
 
 inline int64_t qmin(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Rows [p * kQMR, + kQMR) of qx as Q::XA (+ kXShift) into ws [kQMR][ldx]. Only the rows of the
-// batch are converted: a partial panel is computed by one-row tiles, which read no other row.
-inline void pack_qpanel(const QArgs& a, int64_t p, typename Q::XA* ws) {
+float qquantize_row(const float* x, int64_t n, int8_t* q);
+
+// Rows [p * kQMR, + kQMR) of x, quantized (their scales to psx) and as Q::XA (+ kXShift), zero
+// past K, into ws [kQMR][ldx]; qrow is scratch for one quantized row. Only the rows of the batch
+// are converted: a partial panel is computed by one-row tiles, which read no other row.
+inline void pack_qpanel(const QArgs& a, int64_t p, typename Q::XA* ws, float* psx,
+                        int8_t* qrow) {
   using XA = typename Q::XA;
   // Locals, not a.ldx: stores through uint8_t may alias `a`, which kept the loop scalar.
-  const int64_t row0 = p * kQMR, rv = qmin(kQMR, a.rows - row0), ldx = a.ldx;
-  const int8_t* __restrict src = a.qx + row0 * ldx;
-  XA* __restrict dst = ws;
-  for (int64_t e = 0; e < rv * ldx; ++e) dst[e] = static_cast<XA>(src[e] + Q::kXShift);
+  const int64_t row0 = p * kQMR, rv = qmin(kQMR, a.rows - row0), ldx = a.ldx, K = a.K;
+  for (int64_t i = 0; i < rv; ++i) {
+    psx[i] = qquantize_row(a.x + (row0 + i) * K, K, qrow);
+    for (int64_t k = K; k < ldx; ++k) qrow[k] = 0;
+    const int8_t* __restrict src = qrow;
+    XA* __restrict dst = ws + i * ldx;
+    for (int64_t k = 0; k < ldx; ++k) dst[k] = static_cast<XA>(src[k] + Q::kXShift);
+  }
 }
 
 // ROWS rows (xp: the first one, stride ldx) x NV accumulator vectors of block row r, starting at
 // column c0 of the block; `ncols` of them valid (all NV * kCols unless PARTIAL). The loads never
 // leave the block: its packed width bn16 is a multiple of NV * kCols.
 template <int ROWS, int NV, bool PARTIAL>
-void qtile(const QArgs& a, const typename Q::XA* xp, int64_t row0, int64_t r, int64_t c0,
-           int64_t ncols) {
+void qtile(const QArgs& a, const typename Q::XA* xp, const float* psx, int64_t row0, int64_t r,
+           int64_t c0, int64_t ncols) {
   using Acc = typename Q::Acc;
   using Wv = typename Q::Wv;
   constexpr int C = Q::kCols;
@@ -72,7 +81,7 @@ void qtile(const QArgs& a, const typename Q::XA* xp, int64_t row0, int64_t r, in
   for (int i = 0; i < ROWS; ++i) {
     int32_t s[NV * C];
     for (int v = 0; v < NV; ++v) Q::store_cols(acc[i][v], ws[v], s + v * C);
-    const float sx = a.sx[row0 + i];
+    const float sx = psx[i];
     float* o = a.out + (row0 + i) * a.N + n0;
     for (int64_t c = 0; c < n; ++c) {
       float y = static_cast<float>(s[c]) * sx * sw[c];
@@ -84,15 +93,16 @@ void qtile(const QArgs& a, const typename Q::XA* xp, int64_t row0, int64_t r, in
 }
 
 template <int ROWS>
-void qtile_row(const QArgs& a, const typename Q::XA* xp, int64_t row0, int64_t r) {
+void qtile_row(const QArgs& a, const typename Q::XA* xp, const float* psx, int64_t row0,
+               int64_t r) {
   constexpr int CW = kQMaxNV * Q::kCols;
   const int64_t nvalid = qmin(a.bn, a.N - r * a.bn);
   for (int64_t c0 = 0; c0 < nvalid; c0 += CW) {
     const int64_t nc = qmin(CW, nvalid - c0);
     if (nc == CW) {
-      qtile<ROWS, kQMaxNV, false>(a, xp, row0, r, c0, nc);
+      qtile<ROWS, kQMaxNV, false>(a, xp, psx, row0, r, c0, nc);
     } else {
-      qtile<ROWS, kQMaxNV, true>(a, xp, row0, r, c0, nc);
+      qtile<ROWS, kQMaxNV, true>(a, xp, psx, row0, r, c0, nc);
     }
   }
 }
@@ -101,19 +111,24 @@ void qtile_row(const QArgs& a, const typename Q::XA* xp, int64_t row0, int64_t r
 // batch smaller than kQMR: the small-batch path) take one-row tiles, so no padded row is computed.
 void qspmm(const QArgs& a, void* ws_raw, int64_t begin, int64_t end) {
   static_assert(kQColPad % (kQMaxNV * Q::kCols) == 0, "a tile must not cross the padded block");
+  // The scratch as qspmm_ws_bytes lays it out: panel, row scales, one quantized row.
   auto* ws = static_cast<typename Q::XA*>(ws_raw);
+  const int64_t panel_bytes = (kQMR * a.ldx * static_cast<int64_t>(sizeof(typename Q::XA)) + 3) /
+                              4 * 4;
+  float* psx = reinterpret_cast<float*>(static_cast<char*>(ws_raw) + panel_bytes);
+  int8_t* qrow = reinterpret_cast<int8_t*>(psx + kQMR);
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, r = item % a.num_out_blocks;
     if (p != packed) {
-      pack_qpanel(a, p, ws);
+      pack_qpanel(a, p, ws, psx, qrow);
       packed = p;
     }
     const int64_t row0 = p * kQMR, rv = qmin(kQMR, a.rows - row0);
     if (rv == kQMR) {
-      qtile_row<kQMR>(a, ws, row0, r);
+      qtile_row<kQMR>(a, ws, psx, row0, r);
     } else {
-      for (int64_t i = 0; i < rv; ++i) qtile_row<1>(a, ws + i * a.ldx, row0 + i, r);
+      for (int64_t i = 0; i < rv; ++i) qtile_row<1>(a, ws + i * a.ldx, psx + i, row0 + i, r);
     }
   }
 }
@@ -141,5 +156,22 @@ void qquantize(const float* x, int64_t n, float inv, int8_t* q) {
   }
 }
 
+float qquantize_row(const float* x, int64_t n, int8_t* q) {
+  const uint32_t bits = qabsmax_bits(x, n);
+  float amax;
+  std::memcpy(&amax, &bits, sizeof amax);
+  if (bits >= 0x7f800000u) {  // inf or NaN: the whole row's outputs become NaN
+    std::fill(q, q + n, static_cast<int8_t>(0));
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  if (amax < kQuantTinyRow) {  // zero (or negligible) row: 127 / amax may overflow
+    std::fill(q, q + n, static_cast<int8_t>(0));
+    return 0.0f;
+  }
+  // |x * inv| <= amax * (127 / amax) < 127.5, so no value needs clamping.
+  qquantize(x, n, 127.0f / amax, q);
+  return amax / 127.0f;
+}
+
 const QKernelTable kQTable = {kIsaName, kQMR, static_cast<int>(sizeof(typename Q::XA)), &qspmm,
-                              &qabsmax_bits, &qquantize};
+                              &qquantize_row};
