@@ -25,7 +25,13 @@ from torch import nn
 import adsparse
 from adsparse.nn import BlockSparseLinear
 from adsparse.quantize import ServingBlockSparseLinear, quantize_
-from adsparse.serving_ops import SERVING_DTYPES, pack_int8, quantize_rows
+from adsparse.serving_ops import (
+    SERVING_DTYPES,
+    bsr_linear_serve,
+    direct_call_ok,
+    pack_int8,
+    quantize_rows,
+)
 
 OPS = torch.ops.adsparse
 EPS32 = torch.finfo(torch.float32).eps
@@ -341,6 +347,23 @@ def test_int8_packing_layout():
             assert int(packed[0, kk // 4, n, kk % 4]) == want
     assert math.isclose(float(scales.max()), float(w.values.abs().amax(2).max()) / 127,
                         rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("form", sorted(SERVING_DTYPES))
+def test_serving_module_direct_call_matches_the_op_wrapper(form):
+    """A 2-D input of the layer's width takes the direct op call; other inputs the wrapper."""
+    _, served = layer_pair(40, 30, (8, 4), 0.5, True, "relu", form)
+    x = torch.randn(6, 30)
+    ref = bsr_linear_serve(x, served.weight, served.scales, served.row_offsets,
+                           served.col_indices, (40, 30), (8, 4), served.bias, "relu")
+    assert direct_call_ok(x, 30) and not direct_call_ok(x.view(2, 3, 30), 30)
+    assert not direct_call_ok(x, 29)
+    assert torch.equal(served(x), ref)
+    assert torch.equal(served(x.view(2, 3, 30)), ref.view(2, 3, 40))
+    xt = torch.randn(30, 6).t()  # not contiguous
+    assert torch.equal(served(xt), served(xt.contiguous()))
+    with pytest.raises(ValueError, match="30"):
+        served(torch.randn(6, 31))
 
 
 def test_inference_path_under_compile_and_without_bias():

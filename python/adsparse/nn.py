@@ -37,9 +37,6 @@ __all__ = [
     "sparsify_",
 ]
 
-# ADSPARSE_BACKEND=triton routes CPU tensors through Triton (and a bad value must raise at the
-# first op call): the inference path, a C++ op called directly, then stays out of the way.
-_CPP_CPU = ops._BACKEND != "triton" and ops._BACKEND_ERROR is None
 _OPS = torch.ops.adsparse
 _INDEX_BUFFERS = ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 _GRANULARITIES = ("block", "element")
@@ -251,13 +248,13 @@ class BlockSparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
-                and x.is_cpu and _CPP_CPU):
+                and x.is_cpu and serving_ops.CPP_CPU):
             # The small-batch path: one inference-only op with the forward index only (no
             # transposed index, no autograd), on the C++ kernels, which check the arguments.
             # (Dynamo cannot trace is_inference_mode_enabled; a compiled graph has no per-call
             # overhead to save.) The tensors come straight from the module's dicts: each
             # nn.Module.__getattr__ costs about as much as the rest of this branch.
-            if x.dim() == 2 and x.shape[1] == self.in_features:
+            if serving_ops.direct_call_ok(x, self.in_features):
                 params, buffers = self._parameters, self._buffers
                 return _OPS.bsr_linear_serve(x, params["values"], None, buffers["row_offsets"],
                                              buffers["col_indices"], params.get("bias"),
