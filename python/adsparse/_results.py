@@ -80,11 +80,15 @@ def run_facts(device: str | None = None) -> dict[str, str]:
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]],
               facts: Mapping[str, str]) -> Path:
-    """Write ``rows`` (dicts with the same keys) to ``path``, each prefixed with ``facts``."""
+    """Write ``rows`` to ``path``, each prefixed with ``facts``; the columns are every key of any
+    row, in order of first appearance (a row lacking one leaves its cell empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(facts)
+    for row in rows:
+        fields += [k for k in row if k not in fields]
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*facts, *(rows[0] if rows else {})])
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
             writer.writerow({**facts, **row})
