@@ -183,6 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     exp0, cfg0 = Experiment(), OnlineConfig()
     parser.add_argument("--seeds", type=int, default=3, help="seeds per setting (default 3)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="first seed (default 0): --seed 5 --seeds 5 runs seeds 5-9, which "
+                             "a run of seeds 0-4 can be pooled with (every seed is reproducible)")
     drifts = f"{exp0.drift},{CONTROL_DRIFT}"
     parser.add_argument("--drifts", default=drifts,
                         help=f"drift settings, comma-separated, of {', '.join(DRIFTS)} "
@@ -223,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "need them)")
     drifts = [d for d in args.drifts.split(",") if d]
     torch.set_num_threads(1)
-    seeds = list(range(args.seeds))
+    if args.seeds < 1 or args.seed < 0:
+        parser.error(f"--seeds must be >= 1 and --seed >= 0, got {args.seeds} and {args.seed}")
+    seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"# bench_quality {time.strftime('%Y-%m-%d %H:%M')}: {args.periods} periods x "
           f"{args.samples_per_period} samples (batch {args.batch_size}), density "
           f"{args.density}, seeds {seeds}, 1 thread per run", flush=True)

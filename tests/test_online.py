@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import csv
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark
 
 from adsparse.data import SyntheticCTRStream
 from adsparse.layout import BlockSparseWeight
@@ -435,3 +437,20 @@ def test_online_pruner_keeps_learned_min_share_of_the_density_per_layer(share):
         assert d * n >= share * cfg.density * n - group, (fqn, d)
     with pytest.raises(ValueError, match="learned_min_share"):
         tiny_cfg(learned_min_share=1.5).validate()
+
+
+def test_bench_quality_runs_the_seeds_asked_for(tmp_path) -> None:
+    """--seed picks the first seed, so two runs of disjoint seeds can be pooled."""
+    bench = load_benchmark("bench_quality")
+    out = tmp_path / "quality"
+    args = ["--seeds", "1", "--seed", "2", "--drifts", "none", "--periods", "2",
+            "--samples-per-period", "1024", "--batch-size", "256", "--prune-steps", "2",
+            "--control-strategies", "prune_once,ad2s", "--out", str(out)]
+    assert bench.main(args) == 0
+    with (out / "quality_none.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["seed"] for r in rows} == {"2"}
+    assert {r["strategy"] for r in rows} == {"dense", "prune_once", "ad2s"}
+    for bad in (["--seeds", "0"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):
+            bench.main([*bad, "--out", str(out)])

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_benchmark
 from torch import nn
 
 from adsparse.nn import SparseLinear, expand_block_mask, sparsify_
@@ -342,26 +343,10 @@ def test_non_finite_loss_raises_with_step_and_restores_weights(method: str, phas
     assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)
 
 
-def _bench_pruning():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_pruning.py"
-    spec = importlib.util.spec_from_file_location("bench_pruning", path)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules["bench_pruning"] = bench  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(bench)
-    finally:
-        sys.modules.pop("bench_pruning", None)
-    return bench
-
-
 def test_bench_pruning_report_merges_a_rerun_and_checks_pairing(tmp_path) -> None:
     """A rerun of one method replaces that method's runs of a full run; files whose dense
     references differ for a seed are not paired and are refused."""
-    bench = _bench_pruning()
+    bench = load_benchmark("bench_pruning")
 
     def run(seed, method, ne):
         return {"model": "mlp", "seed": seed, "granularity": "block", "density": 0.1,
@@ -390,7 +375,7 @@ def test_bench_pruning_report_merges_a_rerun_and_checks_pairing(tmp_path) -> Non
 
 def test_bench_pruning_quick_mode_runs() -> None:
     """The benchmark's smoke mode end to end (guards it against API drift)."""
-    bench = _bench_pruning()
+    bench = load_benchmark("bench_pruning")
     out = bench.main(["--quick", "--models", "mlp", "--methods", "uniform", "learned",
                       "--granularities", "element", "--seeds", "1"])
     assert {(r["method"], r["density"]) for r in out["runs"] if r["method"] != "dense"} == {
