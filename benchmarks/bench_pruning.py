@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adsparse import metrics
+from adsparse._results import write_csv
 from adsparse.metrics import mean_ci
 from adsparse.nn import SparseLinear
 from adsparse.pruning import METHODS, LearnedConfig, Pruner
@@ -387,17 +388,6 @@ def markdown(rows: list[dict], model: str, granularity: str) -> str:
         if any(out):
             lines.append(f"| {m} | " + " | ".join(out) + " |")
     return "\n".join(lines)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

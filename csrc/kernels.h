@@ -131,11 +131,15 @@ struct QArgs {
   float* out;                  // [rows][N]
 };
 
-// Bytes of one thread's qspmm scratch: the panel [mr][ldx] of activations (act_bytes each), the
-// panel's row scales [mr] (fp32, 4-byte aligned) and one quantized row [ldx] (int8), rounded up
-// to whole cache lines so the threads' scratches stay aligned and apart.
+// One thread's qspmm scratch: the panel [mr][ldx] of activations (act_bytes each), from byte
+// 0; the panel's row scales [mr] (fp32) from qspmm_panel_bytes, rounded up to 4 bytes; one
+// quantized row [ldx] (int8) after them. The whole is rounded up to cache lines, so the threads'
+// scratches stay aligned and apart.
+inline int64_t qspmm_panel_bytes(int64_t ldx, int64_t mr, int64_t act_bytes) {
+  return (mr * ldx * act_bytes + 3) / 4 * 4;
+}
 inline int64_t qspmm_ws_bytes(int64_t ldx, int64_t mr, int64_t act_bytes) {
-  return ((mr * ldx * act_bytes + 3) / 4 * 4 + mr * 4 + ldx + 63) / 64 * 64;
+  return (qspmm_panel_bytes(ldx, mr, act_bytes) + mr * 4 + ldx + 63) / 64 * 64;
 }
 
 struct QKernelTable {

@@ -24,8 +24,9 @@ inline int64_t qmin(int64_t a, int64_t b) { return a < b ? a : b; }
 float qquantize_row(const float* x, int64_t n, int8_t* q);
 
 // Rows [p * kQMR, + kQMR) of x, quantized (their scales to psx) and as Q::XA (+ kXShift), zero
-// past K, into ws [kQMR][ldx]; qrow is scratch for one quantized row. Only the rows of the batch
-// are converted: a partial panel is computed by one-row tiles, which read no other row.
+// past K, into ws [kQMR][ldx]; qrow is scratch for one quantized row whose tail [K, ldx) the
+// caller zeroed. Only the rows of the batch are converted: a partial panel is computed by
+// one-row tiles, which read no other row.
 inline void pack_qpanel(const QArgs& a, int64_t p, typename Q::XA* ws, float* psx,
                         int8_t* qrow) {
   using XA = typename Q::XA;
@@ -33,7 +34,6 @@ inline void pack_qpanel(const QArgs& a, int64_t p, typename Q::XA* ws, float* ps
   const int64_t row0 = p * kQMR, rv = qmin(kQMR, a.rows - row0), ldx = a.ldx, K = a.K;
   for (int64_t i = 0; i < rv; ++i) {
     psx[i] = qquantize_row(a.x + (row0 + i) * K, K, qrow);
-    for (int64_t k = K; k < ldx; ++k) qrow[k] = 0;
     const int8_t* __restrict src = qrow;
     XA* __restrict dst = ws + i * ldx;
     for (int64_t k = 0; k < ldx; ++k) dst[k] = static_cast<XA>(src[k] + Q::kXShift);
@@ -111,12 +111,12 @@ void qtile_row(const QArgs& a, const typename Q::XA* xp, const float* psx, int64
 // batch smaller than kQMR: the small-batch path) take one-row tiles, so no padded row is computed.
 void qspmm(const QArgs& a, void* ws_raw, int64_t begin, int64_t end) {
   static_assert(kQColPad % (kQMaxNV * Q::kCols) == 0, "a tile must not cross the padded block");
-  // The scratch as qspmm_ws_bytes lays it out: panel, row scales, one quantized row.
+  // The scratch as kernels.h lays it out: panel, row scales, one quantized row.
   auto* ws = static_cast<typename Q::XA*>(ws_raw);
-  const int64_t panel_bytes = (kQMR * a.ldx * static_cast<int64_t>(sizeof(typename Q::XA)) + 3) /
-                              4 * 4;
-  float* psx = reinterpret_cast<float*>(static_cast<char*>(ws_raw) + panel_bytes);
+  float* psx = reinterpret_cast<float*>(
+      static_cast<char*>(ws_raw) + qspmm_panel_bytes(a.ldx, kQMR, sizeof(typename Q::XA)));
   int8_t* qrow = reinterpret_cast<int8_t*>(psx + kQMR);
+  std::fill(qrow + a.K, qrow + a.ldx, static_cast<int8_t>(0));  // quantize_row writes [0, K)
   int64_t packed = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t p = item / a.num_out_blocks, r = item % a.num_out_blocks;

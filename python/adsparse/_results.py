@@ -79,11 +79,12 @@ def run_facts(device: str | None = None) -> dict[str, str]:
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping[str, object]],
-              facts: Mapping[str, str]) -> Path:
+              facts: Mapping[str, str] | None = None) -> Path:
     """Write ``rows`` to ``path``, each prefixed with ``facts``; the columns are every key of any
     row, in order of first appearance (a row lacking one leaves its cell empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    facts = facts or {}
     fields = list(facts)
     for row in rows:
         fields += [k for k in row if k not in fields]
