@@ -60,7 +60,8 @@ def run_one(args: argparse.Namespace, drift: str, seed: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     strategies = args.control_strategies if drift == CONTROL_DRIFT else args.strategies
     cfg = OnlineConfig(seed=seed, density=args.density, strategies=strategies,
-                       prune_steps=args.prune_steps, max_backoff=args.max_backoff)
+                       prune_steps=args.prune_steps, max_backoff=args.max_backoff,
+                       sort_units=not args.no_sort_units)
     exp = Experiment(cfg=cfg, drift=drift, periods=args.periods,
                      samples_per_period=args.samples_per_period, batch_size=args.batch_size,
                      progress=False)
@@ -210,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-backoff", type=int, default=cfg0.max_backoff,
                         help="ad2s back-off after dropped challengers, 0 = none "
                              f"(default {cfg0.max_backoff})")
+    parser.add_argument("--no-sort-units", action="store_true",
+                        help="choose block masks without sorting units first (the "
+                             "comparison of docs/pruning.md)")
     parser.add_argument("--quick", action="store_true",
                         help="2 seeds, 4 short periods: a smoke run, not a result")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
@@ -231,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = list(range(args.seed, args.seed + args.seeds))
     print(f"# bench_quality {time.strftime('%Y-%m-%d %H:%M')}: {args.periods} periods x "
           f"{args.samples_per_period} samples (batch {args.batch_size}), density "
-          f"{args.density}, seeds {seeds}, 1 thread per run", flush=True)
+          f"{args.density}, seeds {seeds}, 1 thread per run, units "
+          f"{'unsorted' if args.no_sort_units else 'sorted'} before block masks", flush=True)
     for drift in drifts:
         start = time.perf_counter()
         runs = run_seeds(args, drift, seeds)

@@ -53,6 +53,15 @@ def test_run_writes_report(tmp_path, capsys):
     assert summary["serving_density"] < 0.35
 
 
+def test_no_sort_units_reaches_the_run(tmp_path):
+    for flag, want in (([], True), (["--no-sort-units"], False)):
+        out = tmp_path / f"run{len(flag)}"
+        assert main([*TINY, "--periods", "2", "--strategies", "prune_once", *flag, "--out",
+                     str(out), "--no-progress"]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["config"]["sort_units"] is want
+
+
 @pytest.mark.parametrize("args, message", [
     (["run", "--density", "1.5"], "--density"),
     (["run", "--density", "abc"], "--density"),

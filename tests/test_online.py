@@ -29,6 +29,7 @@ from adsparse.online.components import loss_fn
 from adsparse.online.distributed import DistContext
 from adsparse.online.regeneration import carry_adam_state
 from adsparse.online.strategies import AD2SStrategy, D2SStrategy, DenseTrack
+from adsparse.pruning import permute_like, sort_units_
 
 TINY_MODEL = {"embedding_dim": 8, "bottom_mlp": [32, 8], "top_mlp": [48, 16, 1]}
 SIZES = [50, 7, 90, 30, 3, 64, 20, 11]
@@ -402,6 +403,52 @@ def test_carry_adam_state_gathers_the_stored_blocks():
             p_old = dict(dense.named_parameters())[name]
             torch.testing.assert_close(new.state[p_new][key], opt.state[p_old][key])
     assert float(new.state[layer.values]["step"]) == 3.0
+
+
+def test_carry_adam_state_follows_the_sorted_units():
+    torch.manual_seed(4)
+    dense = DLRM(3, [5, 6, 7], embedding_dim=8, bottom_mlp=[16, 8], top_mlp=[32, 16, 1])
+    opt = torch.optim.Adam(dense.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        dense(torch.randn(9, 3), torch.randint(0, 5, (9, 3))).sigmoid().mean().backward()
+        opt.step()
+    moved = copy.deepcopy(dense)
+    orders = sort_units_(moved)
+    mask = torch.rand(2, 2) < 0.6
+    mask[0, 0] = True
+    sparse = sparsify_(moved, masks={"top_mlp.0": mask}, block_size=(16, 8))
+    new = torch.optim.Adam(sparse.parameters(), lr=1e-2)
+    carry_adam_state(dense, opt, sparse, new, orders)
+    layer = sparse.top_mlp[0]
+    elem = mask.repeat_interleave(16, 0).repeat_interleave(8, 1)[:32, :14]
+    for key in ("exp_avg", "exp_avg_sq"):
+        packed = BlockSparseWeight(new.state[layer.values][key], layer.row_offsets,
+                                   layer.col_indices, (32, 14), layer.t_row_offsets,
+                                   layer.t_col_indices, layer.t_block_ids, check=False)
+        want = permute_like("top_mlp.0.weight", opt.state[dense.top_mlp[0].weight][key],
+                            orders) * elem
+        torch.testing.assert_close(packed.to_dense(), want, rtol=0, atol=0)
+        for name in ("top_mlp.2.weight", "top_mlp.0.bias", "bottom_mlp.0.weight"):
+            old = opt.state[dict(dense.named_parameters())[name]][key]
+            got = new.state[dict(sparse.named_parameters())[name]][key]
+            torch.testing.assert_close(got, permute_like(name, old, orders), rtol=0, atol=0)
+            assert not torch.equal(got, old)  # each of them was reordered
+
+
+def test_transition_sorts_units_only_when_asked():
+    stream = tiny_stream(periods=2, samples=256)
+    digests = {}
+    for sort_units in (False, True):
+        t = trainer(stream, tiny_cfg(strategies=["prune_once"], sort_units=sort_units,
+                                     distill_epochs=0))
+        t._run_period(0)
+        s = next(s for s in t.strategies if s.name == "prune_once")
+        model = s.serving.model
+        digests[sort_units] = s.regenerations[0]["mask_digest"]
+        triangle = torch.equal(model.pair_index, t.dense.model.pair_index)
+        assert triangle is not sort_units
+    assert digests[False] != digests[True]
 
 
 def test_distillation_brings_a_new_model_closer_to_the_dense_one():

@@ -147,6 +147,9 @@ def _parser() -> _Parser:
     run.add_argument("--prune-steps", type=_positive_int, default=cfg.prune_steps,
                      help=f"optimisation steps of each pruning transition "
                           f"(default {cfg.prune_steps})")
+    run.add_argument("--no-sort-units", action="store_true",
+                     help="choose block masks on the units as they are, not sorted by "
+                          "magnitude first (docs/pruning.md; for comparisons)")
     run.add_argument("--seed", type=_seed, default=cfg.seed,
                      help=f"seed of the stream and the models (default {cfg.seed})")
     run.add_argument("--checkpoint-dir", default=None,
@@ -332,7 +335,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_device(args.device, args.nproc)
     cfg = OnlineConfig(density=args.density, block_size=args.block_size, pruner=args.pruner,
                        r=args.r, handover=args.handover, seed=args.seed, device=args.device,
-                       prune_steps=args.prune_steps,
+                       prune_steps=args.prune_steps, sort_units=not args.no_sort_units,
                        strategies=[s for s in args.strategies.split(",") if s.strip()])
     if not cfg.strategies:
         raise UsageError("argument --strategies: empty list")

@@ -103,13 +103,56 @@ class DLRM(nn.Module):
             interaction_features(len(self.embedding_sizes), embedding_dim), top_mlp,
             relu_last=False,
         )
-        # Upper triangle without the diagonal: each unordered pair of vectors once.
+        # Upper triangle without the diagonal: each unordered pair of vectors once, as flat
+        # indices into the Gram matrix, in the order the top MLP reads them. Persistent: a
+        # regeneration may reorder them (permute_inputs_), and the model's weights match that
+        # order.
         rows, cols = torch.triu_indices(num_vectors, num_vectors, offset=1)
-        self.register_buffer("_pair_index", rows * num_vectors + cols, persistent=False)
+        self.register_buffer("pair_index", rows * num_vectors + cols)
 
     @property
     def num_sparse(self) -> int:
         return len(self.embedding_sizes)
+
+    def permutable_inputs(self) -> dict[str, tuple[int, int]]:
+        """The top MLP's pair features (after the bottom output) can come in any order."""
+        first = next(name for name, _ in self.top_mlp.named_children())
+        return {f"top_mlp.{first}": (self.embedding_dim, self.top_mlp[0].in_features)}
+
+    def permute_inputs_(self, layer: str, order: torch.Tensor) -> None:
+        """Read the pairs in another order: new pair feature ``j`` is old pair ``order[j]``.
+
+        The caller reorders the columns of ``layer``'s weight the same way
+        (``adsparse.pruning.permutation``); together the model's function is unchanged.
+        """
+        if layer not in self.permutable_inputs():
+            raise ValueError(f"DLRM reorders the inputs of {sorted(self.permutable_inputs())}, "
+                             f"not of {layer!r}")
+        order = torch.as_tensor(order, dtype=torch.long, device=self.pair_index.device)
+        n = self.pair_index.numel()
+        if order.shape != (n,) or not torch.equal(order.sort().values,
+                                                  torch.arange(n, device=order.device)):
+            raise ValueError(f"order must be a permutation of range({n})")
+        self.pair_index = self.pair_index[order]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "pair_index"
+        if key not in state_dict:
+            # Saved before the order was part of the state: the pairs were in triangle order.
+            state_dict[key] = self._triangle_order()
+        elif not torch.equal(state_dict[key].sort().values.cpu(),
+                             self._triangle_order().sort().values.cpu()):
+            error_msgs.append(f"{key}: not a reordering of the model's "
+                              f"{self.pair_index.numel()} pairs")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _triangle_order(self) -> torch.Tensor:
+        n = self.num_sparse + 1
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        return (rows * n + cols).to(self.pair_index.device)
 
     def _check_inputs(self, dense: torch.Tensor, sparse: torch.Tensor) -> None:
         if dense.dim() != 2 or dense.shape[1] != self.num_dense:
@@ -135,7 +178,7 @@ class DLRM(nn.Module):
     def _pairwise(self, bottom: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         dots = torch.bmm(vectors, vectors.transpose(1, 2))
         # One flat index_select: indexing dots[:, rows, cols] costs several times more.
-        pairs = dots.flatten(1).index_select(1, self._pair_index)
+        pairs = dots.flatten(1).index_select(1, self.pair_index)
         return torch.cat([bottom, pairs], dim=1)
 
     def interact(self, bottom: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,9 @@ class OnlineConfig:
     # Epochs over the buffer in which a new model learns the dense model's predictions after
     # hardening (see regeneration.distill).
     distill_epochs: int = 1
+    # Sort hidden units and reorderable inputs by magnitude before choosing the blocks
+    # (docs/online.md, "A regeneration"): the same function, denser blocks.
+    sort_units: bool = True
     # A new sparse model starts from the dense model's Adam state (regeneration.carry_adam_state)
     carry_optimizer: bool = True
     lr: float = 3e-3

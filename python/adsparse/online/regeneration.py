@@ -22,6 +22,7 @@ from adsparse.layout import BlockSparseWeight, block_mask_for_density
 from adsparse.nn import BlockSparseLinear, load_sparse_state_dict, prunable_layers, sparsify_
 from adsparse.online.components import Components, Placement, loss_fn
 from adsparse.online.config import OnlineConfig
+from adsparse.pruning.permutation import UnitOrder, permute_like, sort_units_
 from adsparse.pruning.scorers import magnitude_scores
 
 __all__ = ["SparseModel", "block_masks", "carry_adam_state", "distill", "magnitude_topk",
@@ -99,7 +100,8 @@ def magnitude_topk(dense: nn.Module, counts: dict[str, int],
 
 
 def carry_adam_state(src: nn.Module, src_opt: torch.optim.Optimizer, dst: nn.Module,
-                     dst_opt: torch.optim.Optimizer) -> int:
+                     dst_opt: torch.optim.Optimizer,
+                     orders: Sequence[UnitOrder] = ()) -> int:
     """Give ``dst``'s parameters the Adam state of the ``src`` parameters they were copied from.
 
     ``dst`` is ``src`` after ``sparsify_``: a parameter of the same name and shape (embeddings,
@@ -107,7 +109,8 @@ def carry_adam_state(src: nn.Module, src_opt: torch.optim.Optimizer, dst: nn.Mod
     take the stored blocks' entries of the dense ``weight``'s state, packed in the same order.
     Without this a regenerated model starts with a fresh Adam, whose first steps move every
     parameter (the embedding tables included) by about ``lr`` whatever its gradient's scale.
-    Returns the number of parameters that got a state.
+    ``orders``: the unit orders ``dst`` was reordered by before ``sparsify_`` (the state is
+    reordered the same way). Returns the number of parameters that got a state.
     """
     src_params = dict(src.named_parameters())
     modules = dict(dst.named_modules())
@@ -116,12 +119,13 @@ def carry_adam_state(src: nn.Module, src_opt: torch.optim.Optimizer, dst: nn.Mod
         mod_name, _, leaf = name.rpartition(".")
         module = modules[mod_name]
         if isinstance(module, BlockSparseLinear) and leaf == "values":
-            w = src_params.get(f"{mod_name}.weight" if mod_name else "weight")
-            pack = (lambda t, m=module: BlockSparseWeight.from_dense(
-                t, m.block_size, mask=m.block_mask()).values)
+            src_name = f"{mod_name}.weight" if mod_name else "weight"
+            pack = (lambda t, m=module, n=src_name: BlockSparseWeight.from_dense(
+                permute_like(n, t, list(orders)), m.block_size, mask=m.block_mask()).values)
         else:
-            w = src_params.get(name)
-            pack = (lambda t: t)
+            src_name = name
+            pack = (lambda t, n=src_name: permute_like(n, t, list(orders)))
+        w = src_params.get(src_name)
         state = src_opt.state.get(w) if w is not None else None
         if not state:
             continue
@@ -165,6 +169,9 @@ def transition(dense: nn.Module, dense_opt: torch.optim.Optimizer, buffer: Seque
     allocation is warm-started from ``pruner_state``); distillation, when on, sees them all.
     """
     model = copy.deepcopy(dense)
+    # Sort the hidden units (and the DLRM's pair features) by magnitude first: the same
+    # function, but the weights the blocks keep are then side by side (pruning/permutation.py).
+    orders = sort_units_(model) if cfg.sort_units else []
     pruner = comps.make_pruner(model, density, method, cfg)
     if pruner_state is not None:
         pruner.load_state_dict(pruner_state)  # warm start from the last transition
@@ -176,5 +183,5 @@ def transition(dense: nn.Module, dense_opt: torch.optim.Optimizer, buffer: Seque
         distill(model, dense, batches, cfg.distill_epochs, cfg.lr)
     opt = make_optimizer(model, cfg.lr)
     if cfg.carry_optimizer:
-        carry_adam_state(dense, dense_opt, model, opt)
+        carry_adam_state(dense, dense_opt, model, opt, orders)
     return SparseModel(model, opt), pruner.state_dict()
