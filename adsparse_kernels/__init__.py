@@ -11,6 +11,7 @@ from adsparse_kernels.bsr_linear import (
     bsr_linear_backward_input,
     bsr_linear_backward_weight,
 )
+from adsparse_kernels.interaction import dot_interaction
 from adsparse_kernels.masked_linear import (
     masked_linear,
     masked_linear_backward_input,
@@ -24,6 +25,7 @@ __all__ = [
     "bsr_linear_backward_input",
     "bsr_linear_backward_weight",
     "bsr_linear_serve",
+    "dot_interaction",
     "masked_linear",
     "masked_linear_backward_input",
     "masked_linear_backward_params",

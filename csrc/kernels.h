@@ -69,6 +69,20 @@ struct GemvArgs {
   float* y;                    // [B][N]
 };
 
+// out[b] = [bottom[b], <v_i, v_j> for every pair] of the vectors v_0 = bottom[b] and
+// v_{f+1} = tables[f][ids[b, f]]: the DLRM's pairwise-dot interaction read straight from the
+// embedding tables (no stacked [B, F+1, d] copy, no Gram matrix). The driver checked every id.
+struct InteractArgs {
+  const float* bottom;         // [B][d]
+  int64_t B, d, F;
+  const float* const* tables;  // F table bases, each [rows_f][d]
+  const int64_t* ids;          // [B][F], ids[b, f] < rows_f
+  const int64_t* pair_i;       // [P] first vector of each pair (0 = bottom, f + 1 = field f)
+  const int64_t* pair_j;       // [P] second vector
+  int64_t P;
+  float* out;                  // [B][d + P]
+};
+
 struct KernelTable {
   const char* name;
   int panel_rows;  // MR: rows of A per packed panel for spmm
@@ -83,6 +97,8 @@ struct KernelTable {
   // Blocks [begin, end) of src [nnzb][bn][bk] -> dst [nnzb][bk][bn].
   void (*transpose_blocks)(const float* src, float* dst, int64_t bn, int64_t bk, int64_t begin,
                            int64_t end);
+  // Rows [begin, end) of the interaction.
+  void (*interact)(const InteractArgs&, int64_t begin, int64_t end);
 };
 
 const KernelTable& kernels_scalar();

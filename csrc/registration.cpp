@@ -50,6 +50,10 @@ TORCH_LIBRARY(adsparse, m) {
       "bsr_linear_serve(Tensor x, Tensor weight, Tensor? scales, Tensor row_offsets, "
       "Tensor col_indices, Tensor? bias, int out_features, int block_rows, int block_cols, "
       "int activation) -> Tensor");
+  // Inference only: the DLRM interaction [bottom, <v_i, v_j> per pair] with v_0 = bottom [B, d]
+  // and v_{f+1} = tables[f][ids[:, f]]; pair p is divmod(pair_index[p], F + 1). Output
+  // [B, d + P], fp32. See interaction.cpp.
+  m.def("dot_interaction(Tensor bottom, Tensor ids, Tensor[] tables, Tensor pair_index) -> Tensor");
   // Symmetric per-row int8 quantization of x [B, K]: (qx int8 [B, K], scale fp32 [B]).
   m.def("quantize_rows(Tensor x) -> (Tensor, Tensor)");
   // The instruction set the CPU kernels would use now: "avx512_bf16" (AVX-512 with VDPBF16PS for

@@ -297,6 +297,22 @@ def test_challenger_in_flight_survives_checkpoint(tmp_path):
     assert full["strategies"]["d2s:handover=immediate"]["handovers"] == []
 
 
+def test_handover_windows_per_strategy():
+    cfg = tiny_cfg(strategies=["d2s", "d2s:windows=1"], handover_windows=3)
+    specs = parse_strategies(cfg.strategies, cfg)
+    assert [s.handover_windows for s in specs] == [3, 1]
+    res = trainer(tiny_stream(periods=4, samples=384), cfg).run()
+    for name, least in (("d2s", 3), ("d2s:windows=1", 1)):
+        ended = res["strategies"][name]["handovers"]
+        assert ended and all(h["windows"] >= least for h in ended)
+    # With one window, every duel ends at its first window (won) or at patience (dropped).
+    assert all(h["windows"] == 1 or h["outcome"] == "dropped"
+               for h in res["strategies"]["d2s:windows=1"]["handovers"])
+    for bad in ("d2s:windows=0", "d2s:windows=17", "d2s:windows=x"):
+        with pytest.raises(ValueError, match="windows"):
+            parse_strategies([bad], cfg)
+
+
 def test_mask_drift_measures_changed_ranking():
     stream = tiny_stream(periods=2, samples=256)
     cfg = tiny_cfg(strategies=["ad2s"])

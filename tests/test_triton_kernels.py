@@ -374,6 +374,39 @@ def check_serving_quantize_rows():
 
 
 @check
+def check_dot_interaction():
+    """The DLRM interaction (inference op) on Triton, pairs in any order, odd widths."""
+    import adsparse_kernels as ak
+    from adsparse.interaction import dot_interaction
+
+    for b, d, rows in ((5, 13, [3, 9, 4]), (3, 16, [2] * 6), (2, 5, [4])):
+        bottom = torch.randn(b, d)
+        tables = [torch.randn(r, d) for r in rows]
+        ids = torch.stack([torch.randint(0, r, (b,)) for r in rows], dim=1)
+        n = len(rows) + 1
+        i, j = torch.triu_indices(n, n, offset=1)
+        pairs = torch.cat([(i * n + j)[torch.randperm(i.numel())], torch.tensor([0, n + 1])])
+        before = ak.CALLS["dot_interaction"]
+        out = dot_interaction(bottom, ids, tables, pairs)  # routed: ADSPARSE_BACKEND=triton
+        assert ak.CALLS["dot_interaction"] == before + 1, "the op did not run on Triton"
+
+        refs = []
+        for dtype in (torch.float64, torch.float32):
+            v = torch.stack([bottom.to(dtype)] + [t.to(dtype)[ids[:, f]]
+                                                  for f, t in enumerate(tables)], dim=1)
+            gram = (v @ v.transpose(1, 2)).flatten(1)
+            refs.append(torch.cat([bottom.to(dtype), gram[:, pairs]], 1))
+        assert_close_to_reference(out, refs[0], refs[1], f"dot_interaction {b}x{d}")
+    bad = torch.zeros(2, 1, dtype=torch.long) + 4
+    try:
+        dot_interaction(torch.randn(2, 5), bad, [torch.randn(4, 5)], torch.tensor([1]))
+    except (IndexError, RuntimeError, ValueError):
+        pass
+    else:
+        raise AssertionError("an id past its table did not raise")
+
+
+@check
 def check_stack_routes_through_triton():
     """ADSPARSE_BACKEND=triton: the public ops and the modules run the Triton kernels."""
     import adsparse_kernels as ak
@@ -475,12 +508,15 @@ _COMPILE_CASES = [
     ("serving", "_serve_kernel", "fp32",
      dict(bn=32, bk=32, BN=32, BK=32, KIND=1, HAS_BIAS=False, ACT=0, USE_DOT=True, WIDEN=False,
           BLOCK_M=64, pointers={"w_ptr": "bf16"})),
+    ("interaction", "_interaction_kernel", "fp32",
+     dict(BLOCK_P=64, BLOCK_D=64, pointers={"pi_ptr": "i64", "pj_ptr": "i64"})),
 ]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("module,kernel,dtype,consts", _COMPILE_CASES,
-                         ids=[f"{c[1]}-{c[2]}-{c[3]['bn']}x{c[3]['bk']}"
+                         ids=[f"{c[1]}-{c[2]}"
+                              + (f"-{c[3]['bn']}x{c[3]['bk']}" if "bn" in c[3] else "")
                               + (f"-kind{c[3]['KIND']}" if "KIND" in c[3] else "")
                               for c in _COMPILE_CASES])
 def test_compiles_for_sm90(module: str, kernel: str, dtype: str, consts: dict) -> None:
@@ -494,7 +530,8 @@ def test_compiles_for_sm90(module: str, kernel: str, dtype: str, consts: dict) -
 
     jitted = getattr(importlib.import_module(f"adsparse_kernels.{module}"), kernel)
     fn = jitted.fn if hasattr(jitted, "configs") else jitted  # an Autotuner wraps the kernel
-    consts = {"PRECISION": "ieee", **consts}
+    if "PRECISION" in fn.arg_names:
+        consts = {"PRECISION": "ieee", **consts}
     pointers = consts.pop("pointers", {})  # pointer dtypes that differ from `dtype`
     signature = {}
     for name in fn.arg_names:

@@ -112,7 +112,7 @@ def _parser() -> _Parser:
                      help="Criteo: fixed rows per period instead of one file per period")
     run.add_argument("--strategies", default=",".join(cfg.strategies),
                      help=f"comma-separated kinds of {', '.join(strategy_kinds())}; each may "
-                          "add :r=R, :density=D, :handover=challenger|immediate "
+                          "add :r=R, :density=D, :handover=challenger|immediate, :windows=W "
                           f"(default {','.join(cfg.strategies)})")
     run.add_argument("--density", type=_density, default=cfg.density,
                      help=f"kept share of the prunable MLP weights (default {cfg.density})")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adsparse.interaction import dot_interaction
+
 __all__ = [
     "DLRM",
     "PRESETS",
@@ -191,9 +193,20 @@ class DLRM(nn.Module):
         return self._pairwise(bottom, torch.cat([bottom.unsqueeze(1), embedded], dim=1))
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B]`` for dense features ``[B, num_dense]`` and IDs ``[B, F]``."""
+        """Logits ``[B]`` for dense features ``[B, num_dense]`` and IDs ``[B, F]``.
+
+        Without autograd (``torch.no_grad``, ``torch.inference_mode``) and in fp32, the lookups
+        and the interaction are one op (``adsparse.interaction.dot_interaction``) that reads the
+        table rows in place; with autograd they are the composite below (same numbers up to
+        summation order).
+        """
         self._check_inputs(dense, sparse)
         bottom = self.bottom_mlp(dense)
+        if (not torch.is_grad_enabled() and bottom.dtype == torch.float32
+                and sparse.dtype == torch.int64):
+            tables = [table.weight for table in self.embeddings]
+            z = dot_interaction(bottom, sparse, tables, self.pair_index)
+            return self.top_mlp(z).squeeze(-1)
         # Stacking bottom with the lookups at once saves a copy of the [B, F, d] block.
         vectors = torch.stack([bottom, *self._lookups(sparse)], dim=1)
         return self.top_mlp(self._pairwise(bottom, vectors)).squeeze(-1)

@@ -114,14 +114,15 @@ class StrategySpec:
     density: float
     r: int
     handover: str = "challenger"
+    handover_windows: int = 4  # windows a challenger must beat the serving model over
 
 
 def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
-    """Parse ``kind[:r=R][:density=D][:handover=H]`` items (``d2s:r=2``, ``ad2s:density=0.05``,
-    ``ad2s:handover=immediate``).
+    """Parse ``kind[:r=R][:density=D][:handover=H][:windows=W]`` items (``d2s:r=2``,
+    ``ad2s:density=0.05``, ``ad2s:handover=immediate``, ``ad2s:windows=1``).
 
-    Plain kinds take ``cfg.density``, ``cfg.r`` and ``cfg.handover``; the item text is the
-    strategy's name.
+    Plain kinds take ``cfg.density``, ``cfg.r``, ``cfg.handover`` and ``cfg.handover_windows``;
+    the item text is the strategy's name.
     """
     kinds = strategy_kinds()
     specs: list[StrategySpec] = []
@@ -130,6 +131,7 @@ def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
         if kind not in kinds:
             raise ValueError(f"unknown strategy {kind!r} (choose from {', '.join(kinds)})")
         density, r, handover = cfg.density, cfg.r, cfg.handover
+        windows = cfg.handover_windows
         for opt in opts:
             key, _, value = opt.partition("=")
             try:
@@ -139,17 +141,23 @@ def parse_strategies(items: list[str], cfg: OnlineConfig) -> list[StrategySpec]:
                     density = float(value)
                 elif key == "handover" and value in HANDOVERS:
                     handover = value
+                elif key == "windows":
+                    windows = int(value)
                 else:
                     raise ValueError
             except ValueError:
                 raise ValueError(f"bad strategy option {opt!r} in {item!r} (use r=INT, "
-                                 f"density=FLOAT or handover={'|'.join(HANDOVERS)})") from None
+                                 f"density=FLOAT, handover={'|'.join(HANDOVERS)} or "
+                                 "windows=INT)") from None
         if r < 1:
             raise ValueError(f"strategy {item!r}: need r >= 1")
+        if not 1 <= windows <= cfg.challenger_patience:
+            raise ValueError(f"strategy {item!r}: need 1 <= windows <= challenger_patience "
+                             f"({cfg.challenger_patience})")
         check_density(density, f"strategy {item!r}: density")
         if kind == "dense":
             density = 1.0
-        specs.append(StrategySpec(item.strip(), kind, density, r, handover))
+        specs.append(StrategySpec(item.strip(), kind, density, r, handover, windows))
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"strategies repeat a name: {names}")

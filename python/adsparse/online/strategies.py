@@ -11,7 +11,8 @@ the batch. Reusing that forward for evaluation halves the compute and changes no
 
 Champion/challenger: with ``handover="challenger"`` a regenerated sparse model does not serve at
 once. It trains on the stream beside the serving model, both are scored on the same batches, and
-it takes over only when its log-loss over the last ``handover_windows`` windows is lower than the
+it takes over only when its log-loss over the last ``handover_windows`` windows (the strategy's
+``windows=`` option, else the config's) is lower than the
 serving model's by ``handover_margin`` (relative); a challenger that has not won after
 ``challenger_patience`` windows is dropped. Serving therefore never switches to a model that was
 worse on the recent windows. The first sparse model (after the warm-up) serves at once: before it
@@ -166,8 +167,8 @@ class Strategy:
     def _duel_window(self, period: int, index: int, res: dict[str, dict[str, float]]) -> None:
         n = res["serving"]["count"]
         self.duel.append([res["serving"]["logloss"] * n, res["challenger"]["logloss"] * n])
-        recent = self.duel[-self.cfg.handover_windows:]
-        if len(recent) < self.cfg.handover_windows:
+        recent = self.duel[-self.spec.handover_windows:]
+        if len(recent) < self.spec.handover_windows:
             return
         champion, challenger = (sum(w[i] for w in recent) for i in (0, 1))
         if challenger < champion * (1.0 - self.cfg.handover_margin):
