@@ -38,21 +38,8 @@ def _fake(bottom, ids, tables, pair_index):
     return bottom.new_empty(bottom.shape[0], bottom.shape[1] + pair_index.shape[0])
 
 
-def _refuse_backward(ctx, *grads):
-    raise RuntimeError(
-        "adsparse.dot_interaction is inference-only and has no gradient; call the DLRM with "
-        "gradients enabled to train it (it then takes the composite interaction)"
-    )
-
-
-def _no_context(ctx, inputs, output) -> None:
-    pass
-
-
-torch.library.register_autograd("adsparse::dot_interaction", _refuse_backward,
-                                setup_context=_no_context)
-_LIB = torch.library.Library("adsparse", "IMPL")  # kept alive for the process
-_LIB.impl("dot_interaction", ops._triton_kernel("dot_interaction"), "CUDA")
-if ops._BACKEND == "triton":
-    _LIB.impl("dot_interaction", ops._triton_kernel("dot_interaction"), "CPU",
-              allow_override=True)
+# The Triton kernel: adsparse_kernels/interaction.py.
+ops.register_inference_only(
+    "dot_interaction",
+    "adsparse.dot_interaction is inference-only and has no gradient; call the DLRM with "
+    "gradients enabled to train it (it then takes the composite interaction)")

@@ -371,9 +371,28 @@ def _triton_kernel(name: str):
 
 
 _LIB = torch.library.Library("adsparse", "IMPL")  # kept alive for the process
-for _name in _OP_NAMES:
-    _LIB.impl(_name, _triton_kernel(_name), "CUDA")
+
+
+def register_triton(name: str) -> None:
+    """Run op ``name``'s Triton kernel (``adsparse_kernels.<name>``) on CUDA tensors, and on CPU
+    tensors too under ``ADSPARSE_BACKEND=triton``."""
+    _LIB.impl(name, _triton_kernel(name), "CUDA")
     if _BACKEND == "triton":
         # Replaces the C++ CPU kernel for this process: CPU tensors go through Triton
         # (under TRITON_INTERPRET=1), so the whole stack can be checked against it.
-        _LIB.impl(_name, _triton_kernel(_name), "CPU", allow_override=True)
+        _LIB.impl(name, _triton_kernel(name), "CPU", allow_override=True)
+
+
+def register_inference_only(name: str, message: str) -> None:
+    """Op ``name`` has no gradient: a backward through it raises ``RuntimeError(message)``;
+    its Triton kernel is registered as :func:`register_triton` does."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(message)
+
+    torch.library.register_autograd(f"adsparse::{name}", refuse, setup_context=_no_context)
+    register_triton(name)
+
+
+for _name in _OP_NAMES:
+    register_triton(_name)

@@ -186,24 +186,10 @@ def _quantize_rows_fake(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0])
 
 
-def _refuse_backward(ctx, *grads):
-    raise RuntimeError(
+for _name in ("bsr_linear_serve", "quantize_rows"):
+    # The Triton kernels: adsparse_kernels/serving.py.
+    ops.register_inference_only(
+        _name,
         "adsparse: a serving-form layer (adsparse.quantize_, or BlockSparseLinear under "
         "torch.inference_mode) is inference-only and has no gradient; train the "
-        "BlockSparseLinear model and call quantize_ on it afterwards"
-    )
-
-
-def _no_context(ctx, inputs, output) -> None:
-    pass
-
-
-_LIB = torch.library.Library("adsparse", "IMPL")  # kept alive for the process
-for _name in ("bsr_linear_serve", "quantize_rows"):
-    torch.library.register_autograd(f"adsparse::{_name}", _refuse_backward,
-                                    setup_context=_no_context)
-    # The Triton kernels (adsparse_kernels/serving.py) on CUDA tensors, and on CPU tensors too
-    # under ADSPARSE_BACKEND=triton, exactly as ops.py does for the training ops.
-    _LIB.impl(_name, ops._triton_kernel(_name), "CUDA")
-    if ops._BACKEND == "triton":
-        _LIB.impl(_name, ops._triton_kernel(_name), "CPU", allow_override=True)
+        "BlockSparseLinear model and call quantize_ on it afterwards")

@@ -121,10 +121,10 @@ def carry_adam_state(src: nn.Module, src_opt: torch.optim.Optimizer, dst: nn.Mod
         if isinstance(module, BlockSparseLinear) and leaf == "values":
             src_name = f"{mod_name}.weight" if mod_name else "weight"
             pack = (lambda t, m=module, n=src_name: BlockSparseWeight.from_dense(
-                permute_like(n, t, list(orders)), m.block_size, mask=m.block_mask()).values)
+                permute_like(n, t, orders), m.block_size, mask=m.block_mask()).values)
         else:
             src_name = name
-            pack = (lambda t, n=src_name: permute_like(n, t, list(orders)))
+            pack = (lambda t, n=src_name: permute_like(n, t, orders))
         w = src_params.get(src_name)
         state = src_opt.state.get(w) if w is not None else None
         if not state:

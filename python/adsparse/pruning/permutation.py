@@ -16,7 +16,7 @@ and, by :func:`permute_like`, to anything shaped like its parameters (an optimiz
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -119,7 +119,7 @@ def _take(t: torch.Tensor, dim: int, order: torch.Tensor, start: int) -> torch.T
     return t.index_select(dim, idx)
 
 
-def permute_like(name: str, tensor: torch.Tensor, orders: list[UnitOrder]) -> torch.Tensor:
+def permute_like(name: str, tensor: torch.Tensor, orders: Sequence[UnitOrder]) -> torch.Tensor:
     """``tensor``, shaped like parameter ``name`` of the model the orders were planned on,
     reordered as :func:`apply_unit_orders_` reorders that parameter (a new tensor, or
     ``tensor`` itself when no order touches it)."""
@@ -131,7 +131,7 @@ def permute_like(name: str, tensor: torch.Tensor, orders: list[UnitOrder]) -> to
 
 
 @torch.no_grad()
-def apply_unit_orders_(model: nn.Module, orders: list[UnitOrder]) -> nn.Module:
+def apply_unit_orders_(model: nn.Module, orders: Sequence[UnitOrder]) -> nn.Module:
     """Reorder ``model``'s units in place (its function is unchanged). Returns the model."""
     params: Mapping[str, nn.Parameter] = dict(model.named_parameters())
     for uo in orders:
