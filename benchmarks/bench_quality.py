@@ -16,6 +16,13 @@ in the scored periods before the first regime change vs after each change.
 
 Full tables go to benchmarks/results/quality_<drift>.csv (one row per seed, strategy and
 period) and quality_summary.csv.
+
+    python benchmarks/bench_quality.py --pool a.csv b.csv    # pool runs (e.g. seeds 0-4, 5-9)
+
+``--pool`` reads per-period CSVs of several runs (other seeds, or other strategies on the same
+seeds) and prints the summary over all of them. Pairing is checked, not assumed: a row that two
+files both hold (the dense reference of a seed, a strategy run twice) must be identical to the
+last digit, which every seed's determinism guarantees.
 """
 
 from __future__ import annotations
@@ -159,15 +166,16 @@ def write_csvs(drift: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]
     with (out_dir / f"quality_{drift}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["seed", "strategy", "period", "scored", "ne", "rel_ne_loss", "bayes_ne",
-                    "serving_density"])
+                    "serving_density", "regenerations"])
         for seed, res in zip(seeds, runs):
             ref = {r["period"]: r["ne"] for r in res["strategies"]["dense"]["periods"]}
             for name, s in res["strategies"].items():
+                regen = [g["period"] for g in s["regenerations"] if g["reason"] != "warmup"]
                 for r in s["periods"]:
                     w.writerow([seed, name, r["period"], r["scored"], f"{r['ne']:.6f}",
                                 f"{relative_ne(r['ne'], ref[r['period']]):.6f}",
                                 f"{res['bayes_ne'][r['period']]:.6f}",
-                                f"{r['serving_density']:.4f}"])
+                                f"{r['serving_density']:.4f}", regen.count(r["period"])])
     path = out_dir / "quality_summary.csv"
     new = not path.exists()
     with path.open("a", newline="") as f:
@@ -177,6 +185,60 @@ def write_csvs(drift: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]
         for r in rows:
             w.writerow({"date": time.strftime("%Y-%m-%d %H:%M"), "drift": drift,
                         "seeds": len(seeds), **r})
+
+
+def read_pooled(paths: Sequence[Path]) -> dict[tuple[int, str, int], dict[str, str]]:
+    """Per-period rows of several runs by (seed, strategy, period); a row two files both hold
+    must agree (else the runs are not paired and ``ValueError`` says where)."""
+    rows: dict[tuple[int, str, int], dict[str, str]] = {}
+    for path in paths:
+        with Path(path).open(newline="") as f:
+            for r in csv.DictReader(f):
+                key = (int(r["seed"]), r["strategy"], int(r["period"]))
+                old = rows.get(key)
+                if old is not None and (old["ne"], old["scored"]) != (r["ne"], r["scored"]):
+                    raise ValueError(f"{path}: seed {key[0]} {key[1]} period {key[2]} has NE "
+                                     f"{r['ne']}, another file {old['ne']}: not the same run")
+                rows[key] = r
+    return rows
+
+
+def pool_table(rows: dict[tuple[int, str, int], dict[str, str]], reference: str) -> list[str]:
+    """The pooled summary: per strategy over the seeds it ran, its relative NE loss and its
+    paired difference to ``reference`` (positive: the reference is better), each with the
+    95% CI over seeds x scored periods and over per-seed means, and the seeds it lost."""
+    gaps: dict[str, dict[int, dict[int, float]]] = {}
+    regen: dict[str, dict[int, int]] = {}
+    for (seed, name, period), r in rows.items():
+        if r["scored"] == "True":
+            gaps.setdefault(name, {}).setdefault(seed, {})[period] = float(r["rel_ne_loss"])
+        if r.get("regenerations", "") != "":
+            regen.setdefault(name, {}).setdefault(seed, 0)
+            regen[name][seed] += int(r["regenerations"])
+    if reference not in gaps:
+        raise ValueError(f"no rows of the reference strategy {reference!r}")
+    ref = gaps[reference]
+    head = (f"  {'strategy':<34}{'seeds':>6}{'rel NE loss':>12}{'CI(s x p)':>10}"
+            f"{'CI(seeds)':>10}{'minus ref':>11}{'CI(s x p)':>10}{'CI(seeds)':>10}"
+            f"{'ref worse':>10}{'regen':>7}")
+    out = [f"  reference: {reference}", head, "  " + "-" * (len(head) - 2)]
+    for name in sorted(gaps, key=lambda n: (n != "dense", n)):
+        per_seed = gaps[name]
+        seeds = sorted(per_seed)
+        m, ci = mean_ci([g for sd in seeds for g in per_seed[sd].values()])
+        _, cis = mean_ci([statistics.fmean(per_seed[sd].values()) for sd in seeds])
+        both = [sd for sd in seeds if sd in ref]
+        diffs = {sd: [per_seed[sd][p] - ref[sd][p] for p in per_seed[sd]] for sd in both}
+        d, dci = mean_ci([x for sd in both for x in diffs[sd]])
+        _, dcis = mean_ci([statistics.fmean(diffs[sd]) for sd in both])
+        lost = sum(1 for sd in both if statistics.fmean(diffs[sd]) < 0)
+        counts = regen.get(name, {})
+        r = (f"{statistics.fmean(counts[sd] for sd in seeds):7.1f}"
+             if all(sd in counts for sd in seeds) else f"{'?':>7}")
+        out.append(f"  {name:<34}{len(seeds):>6}{100 * m:>+11.2f}%{100 * ci:>9.2f}%"
+                   f"{100 * cis:>9.2f}%{100 * d:>+10.2f}%{100 * dci:>9.2f}%{100 * dcis:>9.2f}%"
+                   f"{f'{lost}/{len(both)}':>10}{r}")
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,10 +278,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "comparison of docs/pruning.md)")
     parser.add_argument("--quick", action="store_true",
                         help="2 seeds, 4 short periods: a smoke run, not a result")
+    parser.add_argument("--pool", type=Path, nargs="+", metavar="CSV",
+                        help="print the summary of these per-period CSVs (quality_<drift>.csv "
+                             "of runs on other seeds or strategies) instead of running")
+    parser.add_argument("--reference", default="ad2s",
+                        help="with --pool: the strategy the others are compared with paired "
+                             "(default ad2s)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
                         help="folder of the CSV files (default benchmarks/results in a "
                              "checkout, ./adsparse-results from an installed wheel)")
     args = parser.parse_args(argv)
+    if args.pool:
+        try:
+            lines = pool_table(read_pooled(args.pool), args.reference)
+        except (OSError, KeyError, ValueError) as e:
+            parser.error(f"--pool: {e}")
+        print(f"# bench_quality --pool {' '.join(str(p) for p in args.pool)}")
+        print("rel NE loss vs dense and paired difference to the reference (positive: the "
+              "reference is better), 95% CI half-widths over seeds x scored periods and over "
+              "per-seed means; 'ref worse' = seeds where the strategy beat the reference; "
+              "regen = regenerations after warm-up per seed ('?' where a CSV predates the "
+              "column)")
+        print("\n".join(lines))
+        return 0
     if args.quick:
         args.seeds, args.periods, args.samples_per_period = 2, 4, 4096
     args.strategies = [s for s in args.strategies.split(",") if s]

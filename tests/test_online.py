@@ -245,6 +245,77 @@ def test_ad2s_backs_off_after_dropped_challengers():
     assert regenerated_at[-1] == 15
 
 
+def _feed_gaps(strat, dense, buffer, gaps, start: int = 0) -> list[int]:
+    """Windows with these NE gaps through ``end_window``; the windows that regenerated."""
+    fired = []
+    for j, gap in enumerate(gaps, start):
+        before = len(strat.regenerations)
+        strat.windows.append({"period": 1, "batch": j, "ne_gap": gap})
+        strat.end_window(1, j, dense, buffer)
+        if len(strat.regenerations) > before:
+            fired.append(j)
+    return fired
+
+
+@pytest.mark.parametrize("follow_up", [False, True])
+def test_ad2s_follow_up_regenerates_until_back_at_the_old_level(follow_up):
+    cfg = tiny_cfg(strategies=["ad2s"], min_interval=2, max_interval=100, ne_tolerance=0.01,
+                   drift_bound=2.0, handover="immediate", follow_up=follow_up)
+    strat, dense, buffer = _lone_strategy(AD2SStrategy, cfg)
+    # Level 0 before a change; the gap jumps (smoothed over 2 windows: 0.025, fires at window
+    # 2); the regenerated model is still 3 points behind the old level, then back within the
+    # tolerance.
+    fired = _feed_gaps(strat, dense, buffer, [0.0, 0.0, 0.05, 0.03, 0.03, 0.005, 0.005, 0.005,
+                                              0.005])
+    if follow_up:
+        # Two windows later (min_interval) the old baseline 0.0 is still exceeded: again.
+        assert fired == [2, 4]
+        assert [g["baseline"] for g in strat.regenerations[1:]] == [0.0, 0.0]
+    else:
+        assert fired == [2]  # the baseline restarts at the new model's 0.03
+    assert all(g["reason"] == "ne_gap" for g in strat.regenerations[1:])
+
+
+def test_ad2s_follow_up_accepts_the_level_after_a_dropped_challenger():
+    cfg = tiny_cfg(strategies=["ad2s"], min_interval=2, max_interval=100, ne_tolerance=0.01,
+                   drift_bound=2.0, challenger_patience=1, follow_up=True, max_backoff=0)
+    strat, dense, buffer = _lone_strategy(AD2SStrategy, cfg)
+    assert _feed_gaps(strat, dense, buffer, [0.0, 0.0, 0.05]) == [2]
+    loses = {"serving": {"logloss": 0.5, "count": 10},
+             "challenger": {"logloss": 0.6, "count": 10}}
+    strat._duel_window(1, 3, loses)  # the challenger did no better than the serving model
+    assert strat.handovers[-1]["outcome"] == "dropped" and strat.best_smoothed is None
+    # The serving model's 0.05 is now the level: no more triggers while it holds (with the
+    # old baseline 0.0 kept, window 4 would fire).
+    assert _feed_gaps(strat, dense, buffer, [0.05, 0.05, 0.05, 0.055], start=3) == []
+
+
+def test_strategy_knobs_apply_to_that_strategy_only():
+    cfg = tiny_cfg(strategies=["ad2s", "ad2s:min_interval=3:follow_up=0:ne_tolerance=0.02"])
+    plain, tuned = parse_strategies(cfg.strategies, cfg)
+    assert plain.config(cfg) is cfg and plain.overrides == ()
+    own = tuned.config(cfg)
+    assert (own.min_interval, own.follow_up, own.ne_tolerance) == (3, False, 0.02)
+    assert (cfg.min_interval, cfg.follow_up, cfg.ne_tolerance) == (2, True, 0.01)
+    stream = tiny_stream(periods=2, samples=256)
+    comps = default_components(stream.num_dense, stream.embedding_sizes, model=TINY_MODEL)
+    strat = AD2SStrategy(tuned, cfg, comps, DistContext())
+    assert strat.cfg.min_interval == 3 and strat.cfg.density == cfg.density
+
+
+@pytest.mark.parametrize("item, message", [
+    ("ad2s:min_interval=0", "min_interval must be >= 1"),
+    ("ad2s:min_interval=40", "max_interval must be >= min_interval"),
+    ("ad2s:follow_up=maybe", "bad strategy option"),
+    ("ad2s:drift_bound=-0.5", "drift_bound must be >= 0"),
+    ("ad2s:lr=1", "bad strategy option 'lr=1'"),
+    ("ad2s:challenger_patience=1:windows=2", "need 1 <= windows <= challenger_patience"),
+])
+def test_strategy_knob_errors(item, message):
+    with pytest.raises(ValueError, match=message):
+        parse_strategies([item], OnlineConfig())
+
+
 def test_ad2s_trigger_replaces_a_challenger_in_flight():
     cfg = tiny_cfg(strategies=["ad2s"], min_interval=2, max_interval=100, ne_tolerance=0.01,
                    drift_bound=2.0, handover_windows=2, challenger_patience=50)
@@ -517,3 +588,41 @@ def test_bench_quality_runs_the_seeds_asked_for(tmp_path) -> None:
     for bad in (["--seeds", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             bench.main([*bad, "--out", str(out)])
+    # The run's CSV pools with itself (every shared row agrees) ...
+    assert bench.main(["--pool", str(out / "quality_none.csv"), str(out / "quality_none.csv")]) == 0
+
+
+def _quality_csv(path, rows) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seed", "strategy", "period", "scored", "ne", "rel_ne_loss", "regenerations"])
+        w.writerows(rows)
+
+
+def test_bench_quality_pools_runs_paired_and_refuses_unpaired_ones(tmp_path, capsys) -> None:
+    bench = load_benchmark("bench_quality")
+    a, b, c = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"
+    # Run a: seed 0 with ad2s and x; run b: seed 1 with ad2s, and seed 0's dense row again.
+    _quality_csv(a, [[0, "dense", 0, False, "0.9", "0", 0], [0, "dense", 1, True, "0.8", "0", 0],
+                     [0, "ad2s", 1, True, "0.81", "0.0125", 2],
+                     [0, "x", 1, True, "0.84", "0.05", 1], [0, "x", 0, False, "0.9", "0", 0]])
+    _quality_csv(b, [[0, "dense", 1, True, "0.8", "0", 0], [1, "dense", 1, True, "0.5", "0", 0],
+                     [1, "ad2s", 1, True, "0.51", "0.02", 0]])
+    rows = bench.read_pooled([a, b])
+    assert len(rows) == 7  # the repeated dense row counted once
+    lines = bench.pool_table(rows, "ad2s")
+    ad2s = next(line for line in lines if line.split()[0] == "ad2s")
+    x = next(line for line in lines if line.split()[0] == "x")
+    # ad2s over 2 seeds: mean of 1.25% and 2% = 1.625%; 1 regeneration a seed.
+    assert ad2s.split()[1:3] == ["2", "+1.62%"] and ad2s.split()[-1] == "1.0"
+    # x ran seed 0 only: 5% loss, 3.75 points behind ad2s there, which was better on 1 of 1.
+    assert x.split()[1:3] == ["1", "+5.00%"]
+    assert "+3.75%" in x and "0/1" in x
+    _quality_csv(c, [[0, "dense", 1, True, "0.7999", "0", 0]])
+    with pytest.raises(ValueError, match=r"seed 0 dense period 1 has NE 0\.7999"):
+        bench.read_pooled([a, c])
+    with pytest.raises(SystemExit):
+        bench.main(["--pool", str(a), str(c)])
+    assert "not the same run" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="reference strategy 'd2s'"):
+        bench.pool_table(rows, "d2s")

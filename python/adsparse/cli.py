@@ -91,7 +91,7 @@ def _seed(text: str) -> int:
 def _parser() -> _Parser:
     from adsparse.data import DRIFTS
     from adsparse.models import PRESETS
-    from adsparse.online import Experiment, OnlineConfig, strategy_kinds
+    from adsparse.online import STRATEGY_KNOBS, Experiment, OnlineConfig, strategy_kinds
     from adsparse.online.config import HANDOVERS
     from adsparse.online.experiment import MODEL_KINDS, SYNTHETIC_TABLE_ROWS
     from adsparse.pruning import METHODS
@@ -113,6 +113,7 @@ def _parser() -> _Parser:
     run.add_argument("--strategies", default=",".join(cfg.strategies),
                      help=f"comma-separated kinds of {', '.join(strategy_kinds())}; each may "
                           "add :r=R, :density=D, :handover=challenger|immediate, :windows=W "
+                          f"and :KNOB=V for a knob of {', '.join(STRATEGY_KNOBS)} "
                           f"(default {','.join(cfg.strategies)})")
     run.add_argument("--density", type=_density, default=cfg.density,
                      help=f"kept share of the prunable MLP weights (default {cfg.density})")

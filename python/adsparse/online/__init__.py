@@ -6,7 +6,13 @@ runs data parallel over processes; ``report`` turns the results into tables, fil
 """
 
 from adsparse.online.components import Components, default_components, loss_fn
-from adsparse.online.config import OnlineConfig, StrategySpec, parse_strategies, strategy_kinds
+from adsparse.online.config import (
+    STRATEGY_KNOBS,
+    OnlineConfig,
+    StrategySpec,
+    parse_strategies,
+    strategy_kinds,
+)
 from adsparse.online.distributed import DistContext, mask_digest, spawn
 from adsparse.online.experiment import Experiment, make_stream, run_experiment
 from adsparse.online.report import format_table, summarize, write_report
@@ -15,6 +21,7 @@ from adsparse.online.trainer import OnlineTrainer
 
 __all__ = [
     "STRATEGIES",
+    "STRATEGY_KNOBS",
     "Components",
     "DenseTrack",
     "DistContext",

@@ -111,7 +111,7 @@ class Strategy:
 
     def __init__(self, spec: StrategySpec, cfg: OnlineConfig, comps: Components,
                  ctx: DistContext):
-        self.spec, self.cfg, self.comps, self.ctx = spec, cfg, comps, ctx
+        self.spec, self.cfg, self.comps, self.ctx = spec, spec.config(cfg), comps, ctx
         self.name = spec.name
         self.method = cfg.pruner
         self.serving: SparseModel | None = None
@@ -335,6 +335,13 @@ class AD2SStrategy(Strategy):
     challenger to run out of patience kept ad2s on a stale model for two periods after a
     regime change.
 
+    Follow-up (``cfg.follow_up``, default on): a regeneration the gap triggered keeps the
+    baseline of before the change, so ad2s regenerates again every ``min_interval`` windows
+    while the serving model is still more than ``ne_tolerance`` behind where it stood. The
+    first model after a regime change comes from a dense model that has seen one or two windows
+    of the new data; the follow-ups copy one that has learned more. A dropped challenger shows
+    that a fresh model does no better: its level becomes the baseline.
+
     Back-off: each challenger in a row that is dropped (it never beat the serving model)
     doubles both intervals, up to ``2 ** cfg.max_backoff``; a challenger that wins resets them. A
     stream on which regenerating does not pay (stationary data, or a serving model whose mask
@@ -353,6 +360,8 @@ class AD2SStrategy(Strategy):
     def duel_ended(self, outcome: str) -> None:
         self.dropped_in_row = (min(self.cfg.max_backoff, self.dropped_in_row + 1)
                                if outcome == "dropped" else 0)
+        if outcome == "dropped" and self.cfg.follow_up:
+            self.best_smoothed = None  # a fresh model did no better: this level is the baseline
 
     def end_period(self, period: int, dense: DenseTrack, buffer: deque[Batch]) -> None:
         if self.serving is None and period + 1 >= self.cfg.warmup_periods:
@@ -391,7 +400,9 @@ class AD2SStrategy(Strategy):
         if reason is not None:
             self.regenerate(dense, buffer, period, index, reason, ne_gap=window["ne_gap"],
                             drift=drift, smoothed_gap=smooth, baseline=self.best_smoothed)
-            self.windows_since, self.best_smoothed = 0, None
+            self.windows_since = 0
+            if not (reason == "ne_gap" and self.cfg.follow_up):
+                self.best_smoothed = None
 
     def state_dict(self) -> dict:
         state = super().state_dict()
