@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "checks.h"
@@ -18,6 +19,41 @@
 
 namespace adsparse {
 namespace {
+
+// The kernel's work list for one pair list (InteractArgs::tiles): every tile of
+// rows x cols entries of the Gram matrix that holds a pair asked for. <v_i, v_j> is symmetric,
+// so a pair is the entry (max, min): the lower triangle holds them all.
+struct InteractPlan {
+  std::vector<int64_t> tiles;
+  std::vector<int64_t> repeats;  // (dst, src) pairs
+  int64_t padded = 0;
+};
+
+InteractPlan plan_interaction(const std::vector<int64_t>& pi, const std::vector<int64_t>& pj,
+                              int64_t V, int rows, int cols) {
+  const int64_t nbi = (V + rows - 1) / rows, nbj = (V + cols - 1) / cols, G = rows * cols;
+  InteractPlan plan;
+  plan.padded = std::max(nbi * rows, nbj * cols);
+  std::vector<int64_t> cell(static_cast<size_t>(nbi * nbj * G), -1);
+  for (size_t p = 0; p < pi.size(); ++p) {
+    const int64_t i = std::max(pi[p], pj[p]), j = std::min(pi[p], pj[p]);
+    int64_t& slot = cell[((i / rows) * nbj + j / cols) * G + (i % rows) * cols + j % cols];
+    if (slot < 0) {
+      slot = static_cast<int64_t>(p);
+    } else {
+      plan.repeats.push_back(static_cast<int64_t>(p));
+      plan.repeats.push_back(slot);
+    }
+  }
+  for (int64_t t = 0; t < nbi * nbj; ++t) {
+    const auto first = cell.begin() + t * G, last = first + G;
+    if (std::all_of(first, last, [](int64_t s) { return s < 0; })) continue;
+    plan.tiles.push_back(t / nbj * rows);
+    plan.tiles.push_back(t % nbj * cols);
+    plan.tiles.insert(plan.tiles.end(), first, last);
+  }
+  return plan;
+}
 
 at::Tensor dot_interaction_cpu(const at::Tensor& bottom_in, const at::Tensor& ids_in,
                                at::TensorList tables_in, const at::Tensor& pair_index_in) {
@@ -30,6 +66,8 @@ at::Tensor dot_interaction_cpu(const at::Tensor& bottom_in, const at::Tensor& id
   TORCH_CHECK_VALUE(ids_in.dim() == 2 && ids_in.size(0) == B, "ids must be [", B,
                     ", F], got ", ids_in.sizes());
   const int64_t F = ids_in.size(1);
+  TORCH_CHECK_VALUE(F + 1 <= kMaxInteractVectors, "dot_interaction takes at most ",
+                    kMaxInteractVectors - 1, " fields, got ", F);
   TORCH_CHECK_VALUE(static_cast<int64_t>(tables_in.size()) == F, "ids have ", F,
                     " fields but there are ", tables_in.size(), " tables");
   check_index(pair_index_in, "pair_index");
@@ -66,9 +104,23 @@ at::Tensor dot_interaction_cpu(const at::Tensor& bottom_in, const at::Tensor& id
   const at::Tensor bottom = bottom_in.contiguous();
   at::Tensor out = at::empty({B, d + P}, bottom.options());
   if (B == 0) return out;
-  const InteractArgs args{bottom.data_ptr<float>(), B, d, F, bases.data(), idp,
-                          pi.data(), pj.data(), P, out.data_ptr<float>()};
   const KernelTable& kt = selected_kernels();
+  const InteractPlan plan =
+      plan_interaction(pi, pj, V, kt.interact_tile[0], kt.interact_tile[1]);
+  const int64_t stride = 2 + kt.interact_tile[0] * kt.interact_tile[1];
+  const InteractArgs args{bottom.data_ptr<float>(),
+                          B,
+                          d,
+                          F,
+                          bases.data(),
+                          idp,
+                          plan.tiles.data(),
+                          static_cast<int64_t>(plan.tiles.size()) / stride,
+                          plan.padded,
+                          plan.repeats.data(),
+                          static_cast<int64_t>(plan.repeats.size()) / 2,
+                          P,
+                          out.data_ptr<float>()};
   // A row is ~P * d FMAs (351 x 64 at the wide preset): 16 rows a task amortise the fork.
   at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) { kt.interact(args, begin, end); });
   return out;

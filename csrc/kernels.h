@@ -71,14 +71,22 @@ struct GemvArgs {
 
 // out[b] = [bottom[b], <v_i, v_j> for every pair] of the vectors v_0 = bottom[b] and
 // v_{f+1} = tables[f][ids[b, f]]: the DLRM's pairwise-dot interaction read straight from the
-// embedding tables (no stacked [B, F+1, d] copy, no Gram matrix). The driver checked every id.
+// embedding tables (no stacked [B, F+1, d] copy, no Gram matrix in memory). The driver checked
+// every id and planned the tiles of the Gram matrix for the kernel's tile shape
+// (KernelTable::interact_tile): each tile is its first row and column, then one output slot per
+// entry in row-major order (-1: an entry no pair asks for).
+constexpr int64_t kMaxInteractVectors = 1024;  // F + 1 at most (the kernel's pointer array)
+
 struct InteractArgs {
   const float* bottom;         // [B][d]
   int64_t B, d, F;
   const float* const* tables;  // F table bases, each [rows_f][d]
   const int64_t* ids;          // [B][F], ids[b, f] < rows_f
-  const int64_t* pair_i;       // [P] first vector of each pair (0 = bottom, f + 1 = field f)
-  const int64_t* pair_j;       // [P] second vector
+  const int64_t* tiles;        // [ntiles][2 + rows * cols]
+  int64_t ntiles;
+  int64_t padded;              // vectors the tiles index (>= F + 1; the extra ones read bottom)
+  const int64_t* repeats;      // [nrepeats][2]: (dst, src), a pair asked for again copies src
+  int64_t nrepeats;
   int64_t P;
   float* out;                  // [B][d + P]
 };
@@ -86,6 +94,7 @@ struct InteractArgs {
 struct KernelTable {
   const char* name;
   int panel_rows;  // MR: rows of A per packed panel for spmm
+  int interact_tile[2];  // rows x columns of the Gram-matrix tiles `interact` computes
   // Each runs items [begin, end): spmm items are (panel, out block-column) pairs, panel-major;
   // sddmm items are stored blocks; gemv items are block rows of W.
   // `ws` is the calling thread's scratch of a_cols * MR floats for one packed panel.

@@ -531,5 +531,5 @@ void transpose_blocks(const float* src, float* dst, int64_t bn, int64_t bk, int6
 
 #include "interact_impl.h"
 
-const KernelTable kTable = {kIsaName, kMR,   &spmm<float>,      &spmm<bf16>, &sddmm,
-                            &gemv,    &transpose_blocks, &interact};
+const KernelTable kTable = {kIsaName, kMR,   {kTileI, kTileJ},  &spmm<float>, &spmm<bf16>,
+                            &sddmm,   &gemv, &transpose_blocks, &interact};

@@ -37,6 +37,7 @@ def _reference(bottom, ids, tables, pairs, dtype):
     (17, 17, [1, 8, 30]),
     (5, 1, [4]),
     (9, 70, [6, 6, 6]),
+    (4, 32, [3] * 40),  # 41 vectors: tiles of every shape past the diagonal
 ])
 def test_matches_float64_on_every_isa(cpu_isa, b, d, rows) -> None:
     bottom, ids, tables, pairs = _case(b, d, rows)
@@ -90,6 +91,8 @@ def test_bad_input_raises_naming_the_argument() -> None:
         ((bottom, -ids - 1, tables, pairs), "out of range"),
         ((bottom, ids, tables, torch.tensor([9])), r"pair_index\[0\] = 9 is out of range"),
         ((bottom, ids, tables, pairs.int()), "pair_index must be int64"),
+        ((bottom[:1], torch.zeros(1, 1024, dtype=torch.long), [torch.randn(1, 8)] * 1024,
+          torch.tensor([1])), "at most 1023 fields, got 1024"),
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
