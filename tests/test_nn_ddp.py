@@ -45,6 +45,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp = nn.parallel.DistributedDataParallel(_model())
         _train(ddp, _data(), rank, world)
         torch.save(ddp.module.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # no rank tears gloo down while the other still uses it (it can abort)
     finally:
         dist.destroy_process_group()
 

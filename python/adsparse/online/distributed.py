@@ -122,6 +122,11 @@ def _worker(rank: int, world: int, port: int, backend: str, fn: Callable[..., An
         if backend == "nccl":
             torch.cuda.set_device(rank % torch.cuda.device_count())
         fn(DistContext(rank, world), *args)
+        # Every rank finished before any tears gloo down: a rank that destroys its group while
+        # another still talks to it can abort that one ("terminate called without an active
+        # exception", seen once in tests/test_nn_ddp.py). Not on an error: the others may never
+        # arrive.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
