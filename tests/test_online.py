@@ -305,7 +305,7 @@ def test_strategy_knobs_apply_to_that_strategy_only():
 
 @pytest.mark.parametrize("item, message", [
     ("ad2s:min_interval=0", "min_interval must be >= 1"),
-    ("ad2s:min_interval=40", "max_interval must be >= min_interval"),
+    ("ad2s:min_interval=70", "max_interval must be >= min_interval"),
     ("ad2s:follow_up=maybe", "bad strategy option"),
     ("ad2s:drift_bound=-0.5", "drift_bound must be >= 0"),
     ("ad2s:lr=1", "bad strategy option 'lr=1'"),
