@@ -95,23 +95,33 @@ def period_gaps(results: dict[str, Any], name: str) -> dict[int, float]:
             for r in results["strategies"][name]["periods"] if r["scored"]}
 
 
+def loss_stats(seeds: Sequence[dict[int, float]]) -> tuple[float, float, float, float]:
+    """Per-seed ``{period: value}`` maps -> mean and CI over seeds x periods, mean and CI of
+    the per-seed means (the conservative one: periods of one seed are not independent)."""
+    m, ci = mean_ci([v for seed in seeds for v in seed.values()])
+    ms, cis = mean_ci([statistics.fmean(seed.values()) for seed in seeds])
+    return m, ci, ms, cis
+
+
+def paired_diffs(seeds: Sequence[dict[int, float]], refs: Sequence[dict[int, float]]
+                 ) -> list[dict[int, float]]:
+    """Per seed, each period's value minus the reference's (same seed, same period)."""
+    return [{p: v - ref[p] for p, v in seed.items()} for seed, ref in zip(seeds, refs)]
+
+
 def summarize_setting(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
     """One row per strategy: mean relative NE loss with CIs, paired difference to ad2s, cost."""
     rows = []
     ad2s = [period_gaps(res, "ad2s") for res in runs]
     for name in names:
         gaps = [period_gaps(res, name) for res in runs]
-        units = [g for seed in gaps for g in seed.values()]
-        per_seed = [statistics.fmean(seed.values()) for seed in gaps]
-        diff_units = [seed[p] - ref[p] for seed, ref in zip(gaps, ad2s) for p in seed]
         strat = [res["strategies"][name] for res in runs]
         regen = [sum(1 for g in s["regenerations"] if g["reason"] != "warmup") for s in strat]
         won = [sum(1 for h in s.get("handovers", []) if h["outcome"] == "won") for s in strat]
         costs = [s["regeneration_cost_periods"] for s in strat
                  if s.get("regeneration_cost_periods") is not None]
-        m, ci = mean_ci(units)
-        ms, cis = mean_ci(per_seed)
-        d, dci = mean_ci(diff_units)
+        m, ci, ms, cis = loss_stats(gaps)
+        d, dci, _, _ = loss_stats(paired_diffs(gaps, ad2s))
         rows.append({"strategy": name, "rel_ne_loss": m, "ci_units": ci, "ci_seeds": cis,
                      "mean_of_seeds": ms, "minus_ad2s": d, "minus_ad2s_ci": dci,
                      "regenerations": statistics.fmean(regen), "handovers": statistics.fmean(won),
@@ -225,13 +235,11 @@ def pool_table(rows: dict[tuple[int, str, int], dict[str, str]], reference: str)
     for name in sorted(gaps, key=lambda n: (n != "dense", n)):
         per_seed = gaps[name]
         seeds = sorted(per_seed)
-        m, ci = mean_ci([g for sd in seeds for g in per_seed[sd].values()])
-        _, cis = mean_ci([statistics.fmean(per_seed[sd].values()) for sd in seeds])
+        m, ci, _, cis = loss_stats([per_seed[sd] for sd in seeds])
         both = [sd for sd in seeds if sd in ref]
-        diffs = {sd: [per_seed[sd][p] - ref[sd][p] for p in per_seed[sd]] for sd in both}
-        d, dci = mean_ci([x for sd in both for x in diffs[sd]])
-        _, dcis = mean_ci([statistics.fmean(diffs[sd]) for sd in both])
-        lost = sum(1 for sd in both if statistics.fmean(diffs[sd]) < 0)
+        diffs = paired_diffs([per_seed[sd] for sd in both], [ref[sd] for sd in both])
+        d, dci, _, dcis = loss_stats(diffs)
+        lost = sum(1 for diff in diffs if statistics.fmean(diff.values()) < 0)
         counts = regen.get(name, {})
         r = (f"{statistics.fmean(counts[sd] for sd in seeds):7.1f}"
              if all(sd in counts for sd in seeds) else f"{'?':>7}")
