@@ -25,6 +25,19 @@ int64_t grain_for(double fmas_per_item) {
 
 int64_t ceil_panels(int64_t rows, int64_t mr) { return (rows + mr - 1) / mr; }
 
+// Temporaries of a call (packed activations and gradients, transposed blocks) run to several
+// MB at training batch sizes. From at::empty each is a fresh mapping of glibc's malloc, faulted
+// in page by page on first touch at every call; kept per calling thread and grown as needed,
+// they are faulted in once. One slot per temporary that is alive at the same time as another.
+enum ScratchSlot { kScratchFirst, kScratchSecond, kNumScratchSlots };
+
+float* scratch_floats(ScratchSlot slot, int64_t n) {
+  thread_local at::Tensor buffers[kNumScratchSlots];
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.numel() < n) buf = at::empty({std::max<int64_t>(n, 1)}, at::kFloat);
+  return buf.data_ptr<float>();
+}
+
 // One scratch panel per thread; at::parallel_for tasks learn their thread from get_thread_num.
 template <typename TW>
 void run_spmm(const KernelTable& kt,
@@ -76,12 +89,11 @@ void run_block_product(const KernelTable& kt,
 }
 
 // a [rows][cols] -> [ceil(cols/w)][rows][w], zero-padded past cols: block column c of a with
-// its rows contiguous.
-at::Tensor pack_block_columns(const at::Tensor& a, int64_t w) {
+// its rows contiguous; in this thread's scratch `slot`, valid until the slot's next use.
+const float* pack_block_columns(const at::Tensor& a, int64_t w, ScratchSlot slot) {
   const int64_t rows = a.size(0), cols = a.size(1), C = (cols + w - 1) / w;
-  at::Tensor out = at::empty({C, rows, w}, a.options());
   const float* src = a.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+  float* dst = scratch_floats(slot, C * rows * w);
   const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(rows * w, 1));
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
@@ -94,16 +106,17 @@ at::Tensor pack_block_columns(const at::Tensor& a, int64_t w) {
       }
     }
   });
-  return out;
+  return dst;
 }
 
 }  // namespace
 
 at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values) {
   const int64_t nnzb = values.size(0), bn = values.size(1), bk = values.size(2);
-  at::Tensor out = at::empty({nnzb, bk, bn}, values.options());
+  // In this thread's scratch: the caller's product reads it before anything reuses the slot.
+  float* dst = scratch_floats(kScratchFirst, nnzb * bk * bn);
+  at::Tensor out = at::from_blob(dst, {nnzb, bk, bn}, values.options());
   const float* src = values.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, kMinTaskCopies / std::max<int64_t>(bn * bk, 1));
   at::parallel_for(0, nnzb, grain, [&](int64_t j0, int64_t j1) {
     kt.transpose_blocks(src, dst, bn, bk, j0, j1);
@@ -159,10 +172,9 @@ void backward_input_spmm(const KernelTable& kt, const at::Tensor& g, const at::T
 void backward_weight_sddmm(const KernelTable& kt, const at::Tensor& g, const at::Tensor& x,
                            const int64_t* block_row, const int64_t* block_col, int64_t nnzb,
                            int64_t bn, int64_t bk, at::Tensor& dv) {
-  const at::Tensor gp = pack_block_columns(g, bn), xp = pack_block_columns(x, bk);
   SddmmArgs a;
-  a.g = gp.data_ptr<float>();
-  a.x = xp.data_ptr<float>();
+  a.g = pack_block_columns(g, bn, kScratchFirst);
+  a.x = pack_block_columns(x, bk, kScratchSecond);
   a.B = g.size(0);
   a.N = g.size(1);
   a.K = x.size(1);

@@ -12,7 +12,8 @@ namespace adsparse {
 // and transposing the blocks would cost about as much as the product itself.
 constexpr int64_t kGemvMaxBatch = 3;
 
-// [nnzb, bn, bk] -> [nnzb, bk, bn]: the forward loads one row of W^T per depth step.
+// [nnzb, bn, bk] -> [nnzb, bk, bn]: the forward loads one row of W^T per depth step. The result
+// lives in this thread's scratch memory: use it before the next call of this file's drivers.
 at::Tensor transpose_blocks(const KernelTable& kt, const at::Tensor& values);
 
 // y [B, N] = act(x [B, K] @ W^T + bias), W given as transposed blocks wt [nnzb, bk, bn] in CSR
