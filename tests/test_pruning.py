@@ -386,6 +386,13 @@ def test_bench_pruning_quick_mode_runs() -> None:
         total = 64 * 256 + 256 * 256 + 256 * 128  # the hidden layers' weights
         assert abs(r["achieved"] - r["density"]) <= 1 / total  # one element
         assert math.isfinite(r["ne"]) and 0 < r["ne"] < 2
+    # --min-share reaches learned: at 1 every layer keeps the target density (less one
+    # weight), and the floors fit the budget.
+    out = bench.main(["--quick", "--models", "mlp", "--methods", "learned", "--granularities",
+                      "element", "--seeds", "1", "--min-share", "1"])
+    for r in out["runs"]:
+        if r["method"] == "learned":
+            assert all(abs(d - r["density"]) < 1e-3 for d in r["layers"].values()), r
 
 
 # ----------------------------------------------------------------------------- the registry

@@ -267,12 +267,14 @@ def test_allocate_removal_equal_marginal_cost_by_hand() -> None:
         allocate_removal(curves, 41)
 
 
-@pytest.mark.parametrize(("share", "block"), [(1.0, (16, 8)), (0.75, (8, 8)), (1.0, None)])
-def test_min_share_floors_every_layer_and_keeps_the_budget(share, block) -> None:
+@pytest.mark.parametrize(("share", "block", "density"), [
+    (1.0, (16, 8), 0.3), (0.75, (8, 8), 0.3), (1.0, None, 0.3),
+    (1.0, None, 0.07),  # every layer's share of the budget a fraction of a weight
+])
+def test_min_share_floors_every_layer_and_keeps_the_budget(share, block, density) -> None:
     # Each layer keeps min_share of the target density, less at most one group (floors are
     # met in whole groups); at min_share = 1 that is the uniform allocation, still on budget.
     model, data = trained("dead", "bce")
-    density = 0.3
     pruner = Pruner(model, density, "learned", "element" if block is None else "block",
                     block or (8, 8), filter_fn=fits(block),
                     learned=LearnedConfig(min_share=share))

@@ -275,10 +275,13 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
     cfg.validate()
     targets = ctx.targets
     sizes = ctx.sizes
-    # The pruner's min_weights, raised to min_share of the target density less one group:
-    # a floor is met in whole groups (rounded up), and min_share = 1 must still fit the budget.
-    min_weights = [max(f, cfg.min_share * ctx.density * t.num_weights - float(t.sizes.max()) + 1)
-                   for f, t in zip(ctx.min_weights, targets)]
+    # The pruner's min_weights, raised to min_share of the target density less one group: a
+    # floor is met in whole groups (rounded up), so each floor then keeps less than 1/L weights
+    # over its share and the L floors together stay within the budget at min_share 1. (With
+    # +1 instead of +1/L, element floors each rounded up by a fraction and overshot it.)
+    slack = 1.0 / len(targets)
+    min_weights = [max(f, cfg.min_share * ctx.density * t.num_weights - float(t.sizes.max())
+                       + slack) for f, t in zip(ctx.min_weights, targets)]
     total = float(sum(t.num_weights for t in targets))
     prior = _prior(ctx, min_weights)
     warm = all(t.fqn in (ctx.state.get("densities") or {}) for t in targets)
