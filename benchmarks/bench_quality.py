@@ -15,7 +15,7 @@ the dense model's excess over it are printed, and the premise check: prune_once'
 in the scored periods before the first regime change vs after each change.
 
 Full tables go to benchmarks/results/quality_<drift>.csv (one row per seed, strategy and
-period) and quality_summary.csv.
+period, with the regenerations of the period and their triggers) and quality_summary.csv.
 
     python benchmarks/bench_quality.py --pool a.csv b.csv    # pool runs (e.g. seeds 0-4, 5-9)
 
@@ -109,10 +109,12 @@ def paired_diffs(seeds: Sequence[dict[int, float]], refs: Sequence[dict[int, flo
     return [{p: v - ref[p] for p, v in seed.items()} for seed, ref in zip(seeds, refs)]
 
 
-def summarize_setting(runs: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """One row per strategy: mean relative NE loss with CIs, paired difference to ad2s, cost."""
+def summarize_setting(runs: list[dict[str, Any]], names: list[str],
+                      reference: str = "ad2s") -> list[dict[str, Any]]:
+    """One row per strategy: mean relative NE loss with CIs, paired difference to
+    ``reference``, cost."""
     rows = []
-    ad2s = [period_gaps(res, "ad2s") for res in runs]
+    ref = [period_gaps(res, reference) for res in runs]
     for name in names:
         gaps = [period_gaps(res, name) for res in runs]
         strat = [res["strategies"][name] for res in runs]
@@ -121,9 +123,10 @@ def summarize_setting(runs: list[dict[str, Any]], names: list[str]) -> list[dict
         costs = [s["regeneration_cost_periods"] for s in strat
                  if s.get("regeneration_cost_periods") is not None]
         m, ci, ms, cis = loss_stats(gaps)
-        d, dci, _, _ = loss_stats(paired_diffs(gaps, ad2s))
+        d, dci, _, _ = loss_stats(paired_diffs(gaps, ref))
         rows.append({"strategy": name, "rel_ne_loss": m, "ci_units": ci, "ci_seeds": cis,
-                     "mean_of_seeds": ms, "minus_ad2s": d, "minus_ad2s_ci": dci,
+                     "mean_of_seeds": ms, "reference": reference, "minus_reference": d,
+                     "minus_reference_ci": dci,
                      "regenerations": statistics.fmean(regen), "handovers": statistics.fmean(won),
                      "regen_cost_periods": statistics.fmean(costs) if costs else math.nan,
                      "train_time_s": statistics.fmean(s["train_time_s"] for s in strat)})
@@ -159,12 +162,12 @@ def bayes_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     head = (f"  {'strategy':<26}{'rel NE loss':>12}{'CI(s x p)':>10}{'CI(seeds)':>10}"
-            f"{'minus ad2s':>12}{'CI':>8}{'regen':>7}{'won':>6}{'cost':>7}{'train s':>9}")
+            f"{'minus ref':>12}{'CI':>8}{'regen':>7}{'won':>6}{'cost':>7}{'train s':>9}")
     out = [head, "  " + "-" * (len(head) - 2)]
     for r in rows:
         out.append(f"  {r['strategy']:<26}{100 * r['rel_ne_loss']:>+11.2f}%"
                    f"{100 * r['ci_units']:>9.2f}%{100 * r['ci_seeds']:>9.2f}%"
-                   f"{100 * r['minus_ad2s']:>+11.2f}%{100 * r['minus_ad2s_ci']:>7.2f}%"
+                   f"{100 * r['minus_reference']:>+11.2f}%{100 * r['minus_reference_ci']:>7.2f}%"
                    f"{r['regenerations']:>7.1f}{r['handovers']:>6.1f}"
                    f"{r['regen_cost_periods']:>7.2f}{r['train_time_s']:>9.0f}")
     return out
@@ -176,25 +179,37 @@ def write_csvs(drift: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]
     with (out_dir / f"quality_{drift}.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["seed", "strategy", "period", "scored", "ne", "rel_ne_loss", "bayes_ne",
-                    "serving_density", "regenerations"])
+                    "serving_density", "regenerations", "reasons"])
         for seed, res in zip(seeds, runs):
             ref = {r["period"]: r["ne"] for r in res["strategies"]["dense"]["periods"]}
             for name, s in res["strategies"].items():
-                regen = [g["period"] for g in s["regenerations"] if g["reason"] != "warmup"]
+                regen = [g for g in s["regenerations"] if g["reason"] != "warmup"]
                 for r in s["periods"]:
+                    why = [g["reason"] for g in regen if g["period"] == r["period"]]
                     w.writerow([seed, name, r["period"], r["scored"], f"{r['ne']:.6f}",
                                 f"{relative_ne(r['ne'], ref[r['period']]):.6f}",
                                 f"{res['bayes_ne'][r['period']]:.6f}",
-                                f"{r['serving_density']:.4f}", regen.count(r["period"])])
-    path = out_dir / "quality_summary.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["date", "drift", "seeds", *rows[0]])
-        if new:
+                                f"{r['serving_density']:.4f}", len(why), ";".join(why)])
+    stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "drift": drift, "seeds": len(seeds)}
+    append_rows(out_dir / "quality_summary.csv", [{**stamp, **r} for r in rows])
+
+
+def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` to the CSV at ``path``; when its columns differ from theirs (a file of
+    an older version), rewrite it with the columns of both, old rows kept."""
+    fields, old, rewrite = list(rows[0]), [], False
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            known = list(reader.fieldnames or [])
+            if known != fields:
+                old, rewrite = list(reader), True
+                fields = known + [k for k in fields if k not in known]
+    with path.open("w" if rewrite else "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if f.tell() == 0:
             w.writeheader()
-        for r in rows:
-            w.writerow({"date": time.strftime("%Y-%m-%d %H:%M"), "drift": drift,
-                        "seeds": len(seeds), **r})
+        w.writerows(old + rows)
 
 
 def read_pooled(paths: Sequence[Path]) -> dict[tuple[int, str, int], dict[str, str]]:
@@ -290,8 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="print the summary of these per-period CSVs (quality_<drift>.csv "
                              "of runs on other seeds or strategies) instead of running")
     parser.add_argument("--reference", default="ad2s",
-                        help="with --pool: the strategy the others are compared with paired "
-                             "(default ad2s)")
+                        help="the strategy the others are compared with paired (default ad2s; "
+                             "a run must include it)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR,
                         help="folder of the CSV files (default benchmarks/results in a "
                              "checkout, ./adsparse-results from an installed wheel)")
@@ -313,11 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seeds, args.periods, args.samples_per_period = 2, 4, 4096
     args.strategies = [s for s in args.strategies.split(",") if s]
     args.control_strategies = [s for s in args.control_strategies.split(",") if s]
-    for names in (args.strategies, args.control_strategies):
-        if "ad2s" not in names or "prune_once" not in names:
-            parser.error("the strategy lists must include ad2s and prune_once (the comparisons "
-                         "need them)")
     drifts = [d for d in args.drifts.split(",") if d]
+    for drift in drifts:
+        names = args.control_strategies if drift == CONTROL_DRIFT else args.strategies
+        if args.reference not in names or "prune_once" not in names:
+            parser.error(f"the strategies of drift {drift} must include {args.reference} "
+                         "(--reference) and prune_once (the comparisons need them)")
     torch.set_num_threads(1)
     if args.seeds < 1 or args.seed < 0:
         parser.error(f"--seeds must be >= 1 and --seed >= 0, got {args.seeds} and {args.seed}")
@@ -330,10 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         start = time.perf_counter()
         runs = run_seeds(args, drift, seeds)
         names = args.control_strategies if drift == CONTROL_DRIFT else args.strategies
-        rows = summarize_setting(runs, ["dense", *names])
+        rows = summarize_setting(runs, ["dense", *names], args.reference)
         print(f"\n## drift={drift} ({time.perf_counter() - start:.0f} s, {args.jobs} jobs)")
         print("rel NE loss = mean over seeds x scored periods of (NE - NE_dense)/NE_dense; CIs "
-              "are 95% half-widths; 'minus ad2s' = paired difference (positive: ad2s better); "
+              "are 95% half-widths; 'minus ref' = paired difference to the reference "
+              f"{args.reference} (positive: the reference is better); "
               "regen = regenerations after warm-up, won = challenger handovers, cost = one "
               "regeneration in periods of dense training (mean)")
         print("\n".join(table(rows)))

@@ -12,14 +12,17 @@ def test_bench_quality_runs_the_seeds_asked_for(tmp_path) -> None:
     """--seed picks the first seed, so two runs of disjoint seeds can be pooled."""
     bench = load_benchmark("bench_quality")
     out = tmp_path / "quality"
-    args = ["--seeds", "1", "--seed", "2", "--drifts", "none", "--periods", "2",
+    args = ["--seeds", "1", "--seed", "2", "--drifts", "none", "--periods", "3",
             "--samples-per-period", "1024", "--batch-size", "256", "--prune-steps", "2",
-            "--control-strategies", "prune_once,ad2s", "--out", str(out)]
+            "--control-strategies", "prune_once,d2s,ad2s", "--out", str(out)]
     assert bench.main(args) == 0
     with (out / "quality_none.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["seed"] for r in rows} == {"2"}
-    assert {r["strategy"] for r in rows} == {"dense", "prune_once", "ad2s"}
+    assert {r["strategy"] for r in rows} == {"dense", "prune_once", "d2s", "ad2s"}
+    # Each regeneration of a period with its trigger (d2s: on schedule after period 1).
+    regen = {(r["strategy"], r["period"]): (int(r["regenerations"]), r["reasons"]) for r in rows}
+    assert regen[("d2s", "1")] == (1, "schedule") and regen[("d2s", "0")] == (0, "")
     for bad in (["--seeds", "0"], ["--seed", "-1"]):
         with pytest.raises(SystemExit):
             bench.main([*bad, "--out", str(out)])
@@ -61,3 +64,32 @@ def test_bench_quality_pools_runs_paired_and_refuses_unpaired_ones(tmp_path, cap
     assert "not the same run" in capsys.readouterr().err
     with pytest.raises(ValueError, match="reference strategy 'd2s'"):
         bench.pool_table(rows, "d2s")
+
+
+def test_bench_quality_reference_is_a_strategy_of_the_run(tmp_path) -> None:
+    """--reference: the run compares with it, and refuses a list without it."""
+    bench = load_benchmark("bench_quality")
+    out = tmp_path / "quality"
+    base = ["--seeds", "1", "--drifts", "none", "--periods", "2", "--samples-per-period",
+            "1024", "--batch-size", "256", "--prune-steps", "2", "--out", str(out)]
+    with pytest.raises(SystemExit):
+        bench.main([*base, "--control-strategies", "prune_once,ad2s",
+                    "--reference", "ad2s:min_interval=3"])
+    assert bench.main([*base, "--control-strategies", "prune_once,ad2s:min_interval=3",
+                       "--reference", "ad2s:min_interval=3"]) == 0
+    with (out / "quality_summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["reference"] for r in rows} == {"ad2s:min_interval=3"}
+    own = next(r for r in rows if r["strategy"] == "ad2s:min_interval=3")
+    assert float(own["minus_reference"]) == 0.0
+
+
+def test_summary_rows_append_and_widen_an_older_file(tmp_path) -> None:
+    bench = load_benchmark("bench_quality")
+    path = tmp_path / "summary.csv"
+    bench.append_rows(path, [{"a": 1, "b": 2}])
+    bench.append_rows(path, [{"a": 3, "b": 4}])
+    bench.append_rows(path, [{"a": 5, "c": 6}])  # new columns: the old rows are kept
+    with path.open() as f:
+        assert list(csv.reader(f)) == [["a", "b", "c"], ["1", "2", ""], ["3", "4", ""],
+                                       ["5", "", "6"]]

@@ -144,7 +144,8 @@ def test_ad2s_triggers_and_intervals():
     for j, w in enumerate(windows):
         since = 1 + j % 2  # a regeneration every 2 windows
         assert w["smoothed_gap"] == pytest.approx(sum(gaps[j + 1 - since: j + 1]) / since)
-        # The baseline is the lowest full-length smoothed gap since the last regeneration.
+        # The baseline (lowest mean gap since the last regeneration) exists once min_interval
+        # windows have passed.
         assert (w["baseline"] is None) == (since < 2)
     never = trainer(stream, tiny_cfg(strategies=["ad2s"], ne_tolerance=10.0, drift_bound=2.0,
                                      min_interval=1, max_interval=3,
@@ -168,7 +169,7 @@ def _lone_strategy(cls, cfg: OnlineConfig):
 
 def test_ad2s_change_detector_fires_on_a_grown_gap():
     cfg = tiny_cfg(strategies=["ad2s"], min_interval=2, max_interval=100, ne_tolerance=0.01,
-                   drift_bound=2.0)
+                   drift_bound=2.0, baseline_windows=2)
     strat, dense, buffer = _lone_strategy(AD2SStrategy, cfg)
     fired = []
     for j, gap in enumerate([0.05, 0.03, 0.02, 0.02, 0.025, 0.034, 0.04]):
@@ -288,6 +289,22 @@ def test_ad2s_follow_up_accepts_the_level_after_a_dropped_challenger():
     assert _feed_gaps(strat, dense, buffer, [0.05, 0.05, 0.05, 0.055], start=3) == []
 
 
+@pytest.mark.parametrize("baseline_windows, expected", [(2, [6, 8]), (4, [8])])
+def test_ad2s_baseline_over_longer_windows_ignores_a_lucky_pair(baseline_windows, expected):
+    cfg = tiny_cfg(strategies=["ad2s"], min_interval=2, max_interval=100, ne_tolerance=0.01,
+                   drift_bound=2.0, handover="immediate", baseline_windows=baseline_windows)
+    strat, dense, buffer = _lone_strategy(AD2SStrategy, cfg)
+    # Noise around 0: one lucky pair (-0.008) then an unlucky one (+0.005), then a real jump.
+    # Over 2 windows the lowest mean is -0.008 and the trigger's 0.0025 at window 6 is 0.0105
+    # above it (the jump fires too); over 4 windows the lowest mean is -0.004, and only the
+    # jump (window 8) fires.
+    fired = _feed_gaps(strat, dense, buffer, [0.0, 0.0, -0.008, -0.008, 0.0, 0.0, 0.005, 0.005,
+                                              0.03])
+    assert fired == expected
+    assert strat.regenerations[1]["baseline"] == pytest.approx(-0.008 if baseline_windows == 2
+                                                               else -0.004)
+
+
 def test_strategy_knobs_apply_to_that_strategy_only():
     cfg = tiny_cfg(strategies=["ad2s", "ad2s:min_interval=3:follow_up=0:ne_tolerance=0.02"])
     plain, tuned = parse_strategies(cfg.strategies, cfg)
@@ -306,6 +323,7 @@ def test_strategy_knobs_apply_to_that_strategy_only():
     ("ad2s:min_interval=70", "max_interval must be >= min_interval"),
     ("ad2s:follow_up=maybe", "bad strategy option"),
     ("ad2s:drift_bound=-0.5", "drift_bound must be >= 0"),
+    ("ad2s:baseline_windows=0", "baseline_windows must be >= 1"),
     ("ad2s:lr=1", "bad strategy option 'lr=1'"),
     ("ad2s:challenger_patience=1:windows=2", "need 1 <= windows <= challenger_patience"),
 ])

@@ -187,6 +187,11 @@ class Strategy:
     def duel_ended(self, outcome: str) -> None:
         """Hook: a challenger has ``"won"`` (it serves now) or was ``"dropped"``."""
 
+    def mean_gap(self, windows: int) -> float:
+        """Mean NE gap of the last ``windows`` windows since the last regeneration."""
+        recent = self.windows[-min(windows, self.windows_since):]
+        return sum(w["ne_gap"] for w in recent) / len(recent)
+
     def end_window(self, period: int, index: int, dense: DenseTrack,
                    buffer: deque[Batch]) -> None:
         """Hook at the end of every scoring window (ad2s decides here)."""
@@ -323,10 +328,13 @@ class AD2SStrategy(Strategy):
 
     Every window (``window_batches`` batches) the serving and the dense model are scored on the
     same rows (a paired gap). The trigger is a change detector on that gap: it fires when the
-    mean gap of the last ``min_interval`` windows exceeds the lowest such mean seen since the
-    last regeneration by more than ``ne_tolerance`` (relative NE) — the serving model has
-    fallen behind where it stood. A fixed bar on the gap itself would fire forever at a density
-    whose steady gap is above the bar, and never in a model that has grown a large lead. Mask
+    mean gap of the last ``min_interval`` windows exceeds the baseline — the lowest mean gap over
+    ``baseline_windows`` windows seen since the last regeneration — by more than
+    ``ne_tolerance`` (relative NE): the serving model has fallen behind where it stood. The
+    baseline averages more windows than the trigger: the lowest of many short noisy means sits
+    below the true level, and noise alone then crossed the tolerance on stationary data. A
+    fixed bar on the gap itself would fire forever at a density whose steady gap is above the
+    bar, and never in a model that has grown a large lead. Mask
     drift (the share of the serving blocks the dense model's current magnitude ranking would no
     longer pick, against its ranking at the last regeneration) above ``drift_bound`` fires too.
     No trigger within ``min_interval`` windows of the last regeneration; ``max_interval``
@@ -376,17 +384,22 @@ class AD2SStrategy(Strategy):
         changed = sum(int((m & ~now[fqn]).sum()) for fqn, m in self.reference_mask.items())
         return changed / max(1, sum(counts.values()))
 
+    def mean_gap(self, windows: int) -> float:
+        """Mean NE gap of the last ``windows`` windows since the last regeneration."""
+        recent = self.windows[-min(windows, self.windows_since):]
+        return sum(w["ne_gap"] for w in recent) / len(recent)
+
     def end_window(self, period: int, index: int, dense: DenseTrack,
                    buffer: deque[Batch]) -> None:
         self.windows_since += 1
         window = self.windows[-1]
-        recent = self.windows[-min(self.cfg.min_interval, self.windows_since):]
-        smooth = sum(w["ne_gap"] for w in recent) / len(recent)
+        smooth = self.mean_gap(self.cfg.min_interval)
         drift = self.mask_drift(dense)
-        full = len(recent) >= self.cfg.min_interval
+        full = self.windows_since >= self.cfg.min_interval
         backoff = 2 ** self.dropped_in_row
-        if full and (self.best_smoothed is None or smooth < self.best_smoothed):
-            self.best_smoothed = smooth
+        level = self.mean_gap(self.cfg.baseline_windows)
+        if full and (self.best_smoothed is None or level < self.best_smoothed):
+            self.best_smoothed = level
         window.update(smoothed_gap=smooth, drift=drift,
                       baseline=self.best_smoothed if full else None)
         reason = None
