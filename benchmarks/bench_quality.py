@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from adsparse._results import default_csv
+from adsparse._results import default_csv, write_csv
 from adsparse.data import DRIFTS
 from adsparse.metrics import StreamingMetrics, mean_ci, relative_ne
 from adsparse.online import Experiment, OnlineConfig, make_stream, run_experiment
@@ -195,21 +195,13 @@ def write_csvs(drift: str, runs: list[dict[str, Any]], rows: list[dict[str, Any]
 
 
 def append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Append ``rows`` to the CSV at ``path``; when its columns differ from theirs (a file of
-    an older version), rewrite it with the columns of both, old rows kept."""
-    fields, old, rewrite = list(rows[0]), [], False
+    """Append ``rows`` to the CSV at ``path``, old rows kept; columns a file of an older version
+    lacks are added (``write_csv`` takes every key of any row)."""
+    old: list[dict[str, Any]] = []
     if path.exists():
         with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            known = list(reader.fieldnames or [])
-            if known != fields:
-                old, rewrite = list(reader), True
-                fields = known + [k for k in fields if k not in known]
-    with path.open("w" if rewrite else "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if f.tell() == 0:
-            w.writeheader()
-        w.writerows(old + rows)
+            old = list(csv.DictReader(f))
+    write_csv(path, old + rows)
 
 
 def read_pooled(paths: Sequence[Path]) -> dict[tuple[int, str, int], dict[str, str]]:

@@ -187,11 +187,6 @@ class Strategy:
     def duel_ended(self, outcome: str) -> None:
         """Hook: a challenger has ``"won"`` (it serves now) or was ``"dropped"``."""
 
-    def mean_gap(self, windows: int) -> float:
-        """Mean NE gap of the last ``windows`` windows since the last regeneration."""
-        recent = self.windows[-min(windows, self.windows_since):]
-        return sum(w["ne_gap"] for w in recent) / len(recent)
-
     def end_window(self, period: int, index: int, dense: DenseTrack,
                    buffer: deque[Batch]) -> None:
         """Hook at the end of every scoring window (ad2s decides here)."""
