@@ -24,14 +24,19 @@ for each granularity, density and method:
 3. normalized entropy (NE: mean log-loss over the entropy of the base rate) is measured on
    held-out data.
 
-Each phase uses a fresh Adam at ``--after-lr`` (``REGIMES``). The MLP's task is stationary: its
-dense training is cosine-annealed from ``--lr`` to that lr (1e-4), so the dense reference is the
-best model and a pruned one pays for what it lost. The DLRM's tested period follows a regime
-change of the stream that every model adapts to in 100 steps: its dense training ends at
-``--lr`` and the phases run at 3e-4 (at 1e-4 no pruned model adapts). The dense reference gets
-exactly the same two phases on the same batches (phase 1 trains the layers the others prune), so
-every model has trained the same parameters for the same steps. Cells report the mean NE over
-seeds with a 95% confidence interval (Student t), each method's mean per-layer densities, and,
+Both phases continue the dense training's Adam (its moment estimates) at ``--after-lr``
+(``REGIMES``): a fresh Adam's first steps move every weight by about the lr whatever its
+gradient, which cost the DLRM's dense reference more NE than pruning half its weights did (a
+pruned weight no longer moves), so pruned models beat the reference for the optimizer's sake.
+The MLP's task is stationary: its dense training is cosine-annealed from ``--lr`` to that lr
+(1e-4), so the dense reference is the best model and a pruned one pays for what it lost. The
+DLRM is tested on the period after its dense training (period 3 of the stream, the same regime
+as periods 0-2, with the stream's gradual drift: new IDs and shifted popularity, which every
+model learns in the 100 steps): its dense training ends at ``--lr`` and the phases run at
+3e-4. The dense reference gets exactly the same two phases on the same batches (phase 1 trains
+the layers the others prune) with the same optimizer, so every model has trained the same
+parameters for the same steps. Cells report the mean NE over seeds with a 95% confidence
+interval (Student t), each method's mean per-layer densities, and,
 for ``learned``, the paired difference to the best other method with its 95% CI (negative:
 ``learned`` better; significant when the CI excludes 0). Transition wall times are recorded
 (``learned`` / ``gmp`` ratio in the summary).
@@ -70,7 +75,7 @@ from adsparse import metrics
 from adsparse._results import write_csv
 from adsparse.metrics import mean_ci
 from adsparse.nn import SparseLinear
-from adsparse.pruning import METHODS, LearnedConfig, Pruner
+from adsparse.pruning import METHODS, LearnedConfig, Pruner, permute_like, sort_units_
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAIRED_RTOL = 1e-7  # dense references of two files this close are the same model
@@ -151,6 +156,7 @@ class Setup:
     evaluate: Callable[[nn.Module], float]
     layers: list[str]  # the pruned layers, in order
     dense_s: float
+    adam_state: dict[str, dict]  # the dense training's optimizer state, by parameter name
 
 
 def mlp_setup(seed: int, args: argparse.Namespace) -> Setup:
@@ -166,8 +172,8 @@ def mlp_setup(seed: int, args: argparse.Namespace) -> Setup:
             yield teacher.sample(args.batch_size, gen)
 
     start = time.perf_counter()
-    train(dense, stream(seed + 1000), mlp_loss, args.mlp_dense_steps, args.lr,
-          args.after_lr if REGIMES["mlp"].anneal else None)
+    opt = train(dense, stream(seed + 1000), mlp_loss, args.mlp_dense_steps, args.lr,
+                args.after_lr if REGIMES["mlp"].anneal else None)
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> float:
@@ -177,7 +183,8 @@ def mlp_setup(seed: int, args: argparse.Namespace) -> Setup:
         return out
 
     return Setup("mlp", dense, mlp_loss, lambda: stream(seed + 2000), evaluate,
-                 ["fc0", "fc1", "fc2"], time.perf_counter() - start)
+                 ["fc0", "fc1", "fc2"], time.perf_counter() - start,
+                 handed_on_state(dense, opt, args.sort_units))
 
 
 def dlrm_setup(seed: int, args: argparse.Namespace) -> Setup:
@@ -196,8 +203,8 @@ def dlrm_setup(seed: int, args: argparse.Namespace) -> Setup:
     start = time.perf_counter()
     periods = args.dlrm_dense_periods
     dense_batches = [b for p in range(periods) for b in stream.period(p)]
-    train(dense, iter(dense_batches), loss_fn, len(dense_batches), args.lr,
-          args.after_lr if REGIMES["dlrm"].anneal else None)
+    opt = train(dense, iter(dense_batches), loss_fn, len(dense_batches), args.lr,
+                args.after_lr if REGIMES["dlrm"].anneal else None)
     held = list(stream.period(periods))  # the next period: its head trains, its tail tests
     n_test = max(1, len(held) // 4)
     train_part, test_part = held[:-n_test], held[-n_test:]
@@ -218,7 +225,8 @@ def dlrm_setup(seed: int, args: argparse.Namespace) -> Setup:
         return out
 
     layers = [fqn for fqn, m in mlp_layers(dense) if m.in_features >= 16 and m.out_features >= 16]
-    return Setup("dlrm", dense, loss_fn, after, evaluate, layers, time.perf_counter() - start)
+    return Setup("dlrm", dense, loss_fn, after, evaluate, layers, time.perf_counter() - start,
+                 handed_on_state(dense, opt, args.sort_units))
 
 
 class Regime(NamedTuple):
@@ -233,20 +241,23 @@ class Regime(NamedTuple):
 
 
 SETUPS = {"mlp": mlp_setup, "dlrm": dlrm_setup}
-# MLP: a stationary task, so the dense training anneals to the lr of everything after it and
-# no fresh optimizer makes the dense reference worse than the dense model (at a higher lr the
-# reference lost 0.002-0.004 NE and pruned models beat it). DLRM: the tested period follows a
-# regime change of the stream that every model must adapt to in 100 steps; at an annealed
-# 1e-4 none can (block 10%: NE 1.8-2.0), so the dense training ends at --lr and the rest runs
-# at 3e-4.
+# MLP: a stationary task, so the dense training anneals to the lr of everything after it. DLRM:
+# the tested period brings new IDs that every model must learn in 100 steps; its dense training
+# ends at --lr and the rest runs at 3e-4 (with a fresh Adam, at an annealed 1e-4 no pruned
+# model adapted: block 10% NE 1.8-2.0).
 REGIMES = {"mlp": Regime(80, 80, 1e-4, True), "dlrm": Regime(50, 50, 3e-4, False)}
 
 
 # --------------------------------------------------------------------------- training and runs
 def train(model: nn.Module, stream: Iterator[Any], loss_fn: Callable, steps: int, lr: float,
-          final_lr: float | None = None) -> None:
-    """``steps`` Adam steps at ``lr``, or cosine-annealed from ``lr`` to ``final_lr``."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+          final_lr: float | None = None, optimizer: torch.optim.Optimizer | None = None
+          ) -> torch.optim.Optimizer:
+    """``steps`` Adam steps at ``lr``, or cosine-annealed from ``lr`` to ``final_lr``; a fresh
+    Adam over the trainable parameters unless ``optimizer`` is given. Returns the optimizer."""
+    opt = optimizer or torch.optim.Adam([p for p in model.parameters() if p.requires_grad],
+                                        lr=lr)
+    for group in opt.param_groups:
+        group["lr"] = lr
     model.train()
     for step in range(steps):
         if final_lr is not None:
@@ -257,6 +268,47 @@ def train(model: nn.Module, stream: Iterator[Any], loss_fn: Callable, steps: int
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return opt
+
+
+def adam_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, dict]:
+    """The optimizer's per-parameter state by parameter name (copied): what the dense
+    training hands on to everything after it."""
+    return {name: {k: v.detach().clone() if torch.is_tensor(v) else v
+                   for k, v in opt.state[p].items()}
+            for name, p in model.named_parameters() if p in opt.state}
+
+
+def handed_on_state(dense: nn.Module, opt: torch.optim.Optimizer, sort_units: bool
+                    ) -> dict[str, dict]:
+    """The dense training's Adam state for everything after it; with ``sort_units`` the dense
+    model's units are first sorted by magnitude (``adsparse.pruning.sort_units_``, what the
+    online trainer does before block masks; the function is unchanged) and the moment
+    estimates reordered with them."""
+    state = adam_state(dense, opt)
+    if sort_units:
+        orders = sort_units_(dense)
+        state = {name: {k: permute_like(name, v, orders) if k != "step" else v
+                        for k, v in s.items()} for name, s in state.items()}
+    return state
+
+
+def continued_adam(model: nn.Module, state: dict[str, dict], lr: float) -> torch.optim.Adam:
+    """An Adam over all of ``model``'s parameters that continues the dense training's moment
+    estimates (``state`` from :func:`adam_state`; a copy of the dense model has the same
+    parameter names, and ``SparseLinear.from_linear`` keeps the layer's Parameters).
+
+    A fresh Adam's first steps move every weight by about ``lr`` whatever its gradient: on
+    the DLRM that cost the dense reference 0.018 NE in 100 steps, more than pruning half its
+    weights did (those weights no longer move), so pruned models beat the reference. Parameters
+    frozen in a phase get no gradient and Adam skips them.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for name, p in model.named_parameters():
+        if name in state:
+            opt.state[p] = {k: v.clone() if torch.is_tensor(v) else v
+                            for k, v in state[name].items()}
+    return opt
 
 
 def pruned_params(model: nn.Module, layers: list[str]) -> list[nn.Parameter]:
@@ -269,14 +321,15 @@ def pruned_params(model: nn.Module, layers: list[str]) -> list[nn.Parameter]:
 
 
 def train_params(model: nn.Module, params: list[nn.Parameter], stream: Iterator[Any],
-                 loss_fn: Callable, steps: int, lr: float) -> None:
-    """``steps`` steps of a fresh Adam over ``params`` only (the rest stays as it is)."""
+                 loss_fn: Callable, steps: int, lr: float, optimizer: torch.optim.Optimizer
+                 ) -> None:
+    """``steps`` steps of ``optimizer`` over ``params`` only (the rest stays as it is)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     keep = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
     try:
-        train(model, stream, loss_fn, steps, lr)
+        train(model, stream, loss_fn, steps, lr, optimizer=optimizer)
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -284,12 +337,13 @@ def train_params(model: nn.Module, params: list[nn.Parameter], stream: Iterator[
 
 def dense_reference(setup: Setup, args: argparse.Namespace) -> float:
     """The dense model with the same training after it as every pruned model: phase 1 trains
-    the would-be pruned layers only, phase 2 everything, each with a fresh Adam."""
+    the would-be pruned layers only, phase 2 everything, with the dense training's Adam."""
     model = copy.deepcopy(setup.dense)
     stream = setup.after()
+    opt = continued_adam(model, setup.adam_state, args.after_lr)
     train_params(model, pruned_params(model, setup.layers), stream, setup.loss_fn,
-                 args.transition_steps, args.after_lr)
-    train(model, stream, setup.loss_fn, args.finetune_steps, args.after_lr)
+                 args.transition_steps, args.after_lr, opt)
+    train(model, stream, setup.loss_fn, args.finetune_steps, args.after_lr, optimizer=opt)
     return setup.evaluate(model)
 
 
@@ -297,11 +351,12 @@ def prune_and_finetune(setup: Setup, method: str, density: float, granularity: s
                        args: argparse.Namespace) -> dict:
     """Phase 1 (``transition_steps``): ``gmp``/``learned`` run their transition, which trains
     the pruned layers only; a one-shot method prunes, then trains the same layers through its
-    fixed masks. Phase 2 (``finetune_steps``): every parameter, masks fixed. Each phase a
-    fresh Adam at ``after_lr``, so all methods (and the dense reference) train the same
-    parameters for the same steps."""
+    fixed masks. Phase 2 (``finetune_steps``): every parameter, masks fixed. Both phases
+    continue the dense training's Adam at ``after_lr``, so all methods (and the dense
+    reference) train the same parameters for the same steps with the same optimizer."""
     model = copy.deepcopy(setup.dense)
     stream = setup.after()
+    opt = continued_adam(model, setup.adam_state, args.after_lr)
     trains = METHODS[method].trains
     start = time.perf_counter()
     pruner = Pruner(model, density, method, granularity, (16, 16), args.min_layer_density,
@@ -309,7 +364,8 @@ def prune_and_finetune(setup: Setup, method: str, density: float, granularity: s
                     lr=args.after_lr, gmp_update_every=args.update_every,
                     learned=LearnedConfig(update_every=args.update_every,
                                           min_share=args.min_share))
-    masks = pruner.prune(stream, setup.loss_fn, steps=args.transition_steps if trains else 0)
+    masks = pruner.prune(stream, setup.loss_fn, steps=args.transition_steps if trains else 0,
+                         optimizer=opt)
     prune_s = time.perf_counter() - start
     for fqn in setup.layers:  # fixed masks from here on, through the masked kernel
         parent_name, _, child = fqn.rpartition(".")
@@ -319,8 +375,8 @@ def prune_and_finetune(setup: Setup, method: str, density: float, granularity: s
         setattr(parent, child, layer)
     if not trains:
         train_params(model, pruned_params(model, setup.layers), stream, setup.loss_fn,
-                     args.transition_steps, args.after_lr)
-    train(model, stream, setup.loss_fn, args.finetune_steps, args.after_lr)
+                     args.transition_steps, args.after_lr, opt)
+    train(model, stream, setup.loss_fn, args.finetune_steps, args.after_lr, optimizer=opt)
     return {"ne": setup.evaluate(model), "achieved": pruner.global_density(),
             "layers": pruner.layer_densities(), "prune_s": prune_s,
             "total_s": time.perf_counter() - start}
@@ -425,6 +481,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Adam lr of everything after the dense training (transitions, "
                         "fine-tune, dense reference; default: mlp 1e-4, where its dense "
                         "training anneals to, dlrm 3e-4)")
+    p.add_argument("--sort-units", action="store_true",
+                   help="sort the dense model's units by magnitude before pruning (as the online "
+                        "trainer does before block masks; docs/pruning.md)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: the shapes are small and the machine is shared)")
     p.add_argument("--report", nargs="+", metavar="RUNS_CSV",

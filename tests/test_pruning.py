@@ -373,6 +373,36 @@ def test_bench_pruning_report_merges_a_rerun_and_checks_pairing(tmp_path) -> Non
         bench.read_runs([str(full), str(other)])
 
 
+def test_bench_pruning_continues_the_dense_optimizer() -> None:
+    """Every model after the dense one continues its Adam: the moment estimates by parameter
+    name (copied, so one model's steps do not leak into the next), and a phase that trains
+    some parameters leaves the others where they were."""
+    bench = load_benchmark("bench_pruning")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    data = [(torch.randn(4, 8), torch.rand(4).round()) for _ in range(12)]
+
+    def loss_fn(m, batch):
+        return F.binary_cross_entropy_with_logits(m(batch[0]).squeeze(-1), batch[1])
+
+    opt = bench.train(model, iter(data[:5]), loss_fn, 5, 1e-2)
+    state = bench.adam_state(model, opt)
+    assert set(state) == {name for name, _ in model.named_parameters()}
+    copy_ = copy.deepcopy(model)
+    cont = bench.continued_adam(copy_, state, 1e-3)
+    dense_params = dict(model.named_parameters())
+    for name, p in copy_.named_parameters():
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(cont.state[p][key], opt.state[dense_params[name]][key]), name
+    assert cont.param_groups[0]["lr"] == 1e-3
+    bench.train_params(copy_, [copy_[0].weight], iter(data[5:8]), loss_fn, 3, 1e-3, cont)
+    assert torch.equal(copy_[2].weight, model[2].weight)
+    assert torch.equal(copy_[0].bias, model[0].bias)
+    assert not torch.equal(copy_[0].weight, model[0].weight)
+    assert float(state["0.weight"]["step"]) == 5  # the copy handed on did not move
+    assert float(cont.state[copy_[0].weight]["step"]) == 8
+
+
 def test_bench_pruning_quick_mode_runs() -> None:
     """The benchmark's smoke mode end to end (guards it against API drift)."""
     bench = load_benchmark("bench_pruning")
