@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "block_gemm.h"
+#include "bsr_serving.h"
 #include "checks.h"
 #include "cpu_isa.h"
 
@@ -44,6 +45,20 @@ void check_serving_weight(const at::Tensor& w, int64_t bn, int64_t bk, int64_t n
                     " for ", nnzb, " blocks of (", bn, ", ", bk, ") must have shape ",
                     at::IntArrayRef(want), ", got ", w.sizes());
 }
+
+// The row quantization alone, as an op: the tests' reference and the Triton int8 form use it, so
+// every backend quantizes activations exactly alike. Returns (qx [B, K] int8, sx [B] fp32).
+std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in) {
+  check_float_cpu(x_in, "x");
+  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got ", x_in.dim(), "-D");
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor qx = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+  at::Tensor sx = at::empty({x.size(0)}, x.options());
+  if (x.size(0) > 0) quantize_rows(selected_qkernels(), x, qx, sx);
+  return {qx, sx};
+}
+
+}  // namespace
 
 at::Tensor bsr_linear_serve_cpu(const at::Tensor& x_in, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& scales,
@@ -104,20 +119,6 @@ at::Tensor bsr_linear_serve_cpu(const at::Tensor& x_in, const at::Tensor& weight
   }
   return y;
 }
-
-// The row quantization alone, as an op: the tests' reference and the Triton int8 form use it, so
-// every backend quantizes activations exactly alike. Returns (qx [B, K] int8, sx [B] fp32).
-std::tuple<at::Tensor, at::Tensor> quantize_rows_cpu(const at::Tensor& x_in) {
-  check_float_cpu(x_in, "x");
-  TORCH_CHECK_VALUE(x_in.dim() == 2, "x must be 2-D, got ", x_in.dim(), "-D");
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor qx = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
-  at::Tensor sx = at::empty({x.size(0)}, x.options());
-  if (x.size(0) > 0) quantize_rows(selected_qkernels(), x, qx, sx);
-  return {qx, sx};
-}
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(adsparse, CPU, m) {
   m.impl("bsr_linear_serve", &bsr_linear_serve_cpu);

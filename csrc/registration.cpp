@@ -4,12 +4,15 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "bsr_serving.h"
 #include "cpu_isa.h"
 
 extern "C" {
-// Importing adsparse._C loads this library, which runs the static registrations below.
+// Importing adsparse._C loads this library, which runs the static registrations below. The
+// module's own methods: the lean serving entry (serving_entry.cpp).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          adsparse::serving_python_methods()};
   return PyModule_Create(&module_def);
 }
 }

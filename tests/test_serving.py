@@ -12,6 +12,7 @@ operands, bounded by PyTorch's own fp32 error on them (conftest's rule).
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import io
 import math
@@ -31,6 +32,7 @@ from adsparse.serving_ops import (
     direct_call_ok,
     pack_int8,
     quantize_rows,
+    serve_direct,
 )
 
 OPS = torch.ops.adsparse
@@ -205,14 +207,18 @@ def test_bf16_nan_and_large_values(cpu_isa):
 
 
 # --------------------------------------------------------------------------- errors
-def test_bad_arguments_raise():
+@pytest.mark.parametrize("entry", ["op", "direct"])
+def test_bad_arguments_raise(entry):
+    """The op and its lean entry (same kernel, same checks) refuse the same arguments alike."""
     layer, served = layer_pair(40, 30, (8, 4), 0.5, True, None, "int8")
     args = dict(x=torch.randn(3, 30), weight=served.weight, scales=served.scales,
                 row_offsets=served.row_offsets, col_indices=served.col_indices, bias=served.bias,
                 out_features=40, block_rows=8, block_cols=4, activation=0)
 
     def call(**over):
-        return OPS.bsr_linear_serve(**{**args, **over})
+        if entry == "op":
+            return OPS.bsr_linear_serve(**{**args, **over})
+        return serve_direct(*{**args, **over}.values())  # the schema's order
 
     with pytest.raises(ValueError, match="needs scales"):
         call(scales=None)
@@ -364,6 +370,62 @@ def test_serving_module_direct_call_matches_the_op_wrapper(form):
     assert torch.equal(served(xt), served(xt.contiguous()))
     with pytest.raises(ValueError, match="30"):
         served(torch.randn(6, 31))
+
+
+def test_direct_entry_argument_types_and_threads():
+    """The lean entry takes exactly the op's ten positional arguments; it releases the GIL, so
+    a pool of threads calling it gets the same results as one thread."""
+    _, served = layer_pair(40, 30, (8, 4), 0.5, True, "relu", "int8")
+    args = [torch.randn(5, 30), served.weight, served.scales, served.row_offsets,
+            served.col_indices, served.bias, 40, 8, 4, 1]
+    want = OPS.bsr_linear_serve(*args)
+    assert torch.equal(serve_direct(*args), want)
+    with pytest.raises(TypeError, match="takes 10 positional arguments"):
+        serve_direct(*args[:9])
+    with pytest.raises(TypeError, match="weight must be a Tensor, got list"):
+        serve_direct(args[0], [1], *args[2:])
+    with pytest.raises(TypeError, match="block_rows must be an int, got float"):
+        serve_direct(*args[:7], 8.0, *args[8:])
+    with pytest.raises(TypeError, match="scales must be a Tensor"):
+        serve_direct(args[0], args[1], 1.0, *args[3:])
+    with pytest.raises(OverflowError):
+        serve_direct(*args[:6], 2**70, *args[7:])
+    xs = [torch.randn(4, 30) for _ in range(8)]
+    wants = [OPS.bsr_linear_serve(x, *args[1:]) for x in xs]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: [serve_direct(x, *args[1:]) for _ in range(20)], xs))
+    assert all(torch.equal(g, w) for gs, w in zip(got, wants) for g in gs)
+
+
+@pytest.mark.parametrize("form", [None, *sorted(SERVING_DTYPES)])
+def test_modules_take_the_direct_entry_when_they_may(monkeypatch, form):
+    """Eager calls without autograd go through the lean entry (once per call, bitwise equal to
+    the op); an input that requires grad through the op, whose backward raises."""
+    layer, served = layer_pair(40, 30, (8, 4), 0.5, True, "relu", form or "int8")
+    module = layer if form is None else served
+    calls = []
+
+    def counting(*a):
+        calls.append(a[1].dtype)
+        return serve_direct(*a)
+
+    monkeypatch.setattr(adsparse.serving_ops, "serve_direct", counting)
+    x = torch.randn(2, 30)
+    with torch.inference_mode():
+        y = module(x)
+    assert len(calls) == 1
+    weight = module.values if form is None else module.weight
+    assert torch.equal(y, bsr_linear_serve(x, weight.detach(), getattr(module, "scales", None),
+                                           module.row_offsets, module.col_indices, (40, 30),
+                                           (8, 4), module.bias, "relu"))
+    if form is None:  # outside inference mode a BlockSparseLinear trains: bsr_linear
+        module(x)
+        assert len(calls) == 1
+    else:
+        module(x)
+        assert len(calls) == 2
+        module(x.requires_grad_())
+        assert len(calls) == 2
 
 
 def test_inference_path_under_compile_and_without_bias():

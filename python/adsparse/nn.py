@@ -37,7 +37,6 @@ __all__ = [
     "sparsify_",
 ]
 
-_OPS = torch.ops.adsparse
 _INDEX_BUFFERS = ("row_offsets", "col_indices", "t_row_offsets", "t_col_indices", "t_block_ids")
 _GRANULARITIES = ("block", "element")
 
@@ -249,17 +248,18 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
                 and x.is_cpu and serving_ops.CPP_CPU):
-            # The small-batch path: one inference-only op with the forward index only (no
-            # transposed index, no autograd), on the C++ kernels, which check the arguments.
-            # (Dynamo cannot trace is_inference_mode_enabled; a compiled graph has no per-call
-            # overhead to save.) The tensors come straight from the module's dicts: each
-            # nn.Module.__getattr__ costs about as much as the rest of this branch.
+            # The small-batch path: the serving kernel with the forward index only (no
+            # transposed index, no autograd), through its lean entry (no dispatcher), which
+            # checks the arguments. (Dynamo cannot trace is_inference_mode_enabled; a compiled
+            # graph has no per-call overhead to save.) The tensors come straight from the
+            # module's dicts: each nn.Module.__getattr__ costs about as much as the rest of this
+            # branch.
             if serving_ops.direct_call_ok(x, self.in_features):
                 params, buffers = self._parameters, self._buffers
-                return _OPS.bsr_linear_serve(x, params["values"], None, buffers["row_offsets"],
-                                             buffers["col_indices"], params.get("bias"),
-                                             self.out_features, *self.block_size,
-                                             ops.ACTIVATIONS[self.activation])
+                return serving_ops.serve_direct(
+                    x, params["values"], None, buffers["row_offsets"], buffers["col_indices"],
+                    params.get("bias"), self.out_features, *self.block_size,
+                    ops.ACTIVATIONS[self.activation])
             return serving_ops.bsr_linear_serve(
                 x, self.values, None, self.row_offsets, self.col_indices,
                 (self.out_features, self.in_features), self.block_size, self.bias,
