@@ -403,6 +403,29 @@ def test_bench_pruning_continues_the_dense_optimizer() -> None:
     assert float(cont.state[copy_[0].weight]["step"]) == 8
 
 
+def test_bench_pruning_sorts_units_with_their_optimizer_state() -> None:
+    """--sort-units reorders the dense model's units (same function) and every moment estimate
+    with its weight: a state equal to the parameters stays equal to them after the sort."""
+    bench = load_benchmark("bench_pruning")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 1))
+    opt = torch.optim.Adam(model.parameters())
+    for p in model.parameters():
+        opt.state[p] = {"step": torch.tensor(3.0), "exp_avg": p.detach().clone(),
+                        "exp_avg_sq": p.detach().clone() ** 2}
+    x = torch.randn(5, 8)
+    before = model(x).detach()
+    unsorted = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = bench.handed_on_state(model, opt, sort_units=True)
+    assert torch.allclose(model(x), before, atol=1e-6)
+    assert not torch.equal(model[0].weight, unsorted["0.weight"])  # the units moved
+    for name, p in model.named_parameters():
+        assert torch.equal(state[name]["exp_avg"], p.detach()), name
+        assert torch.equal(state[name]["exp_avg_sq"], p.detach() ** 2), name
+        assert float(state[name]["step"]) == 3.0
+
+
 def test_bench_pruning_quick_mode_runs() -> None:
     """The benchmark's smoke mode end to end (guards it against API drift)."""
     bench = load_benchmark("bench_pruning")

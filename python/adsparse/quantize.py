@@ -28,7 +28,6 @@ from adsparse.nn import (
 __all__ = ["ServingBlockSparseLinear", "quantize_"]
 
 
-
 class ServingBlockSparseLinear(nn.Module):
     """``y = act(x @ W.T + bias)`` over a packed int8 or bf16 block-sparse weight (inference only).
 
