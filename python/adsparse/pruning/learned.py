@@ -37,10 +37,13 @@ from adsparse.pruning.allocation import (
     select_global,
 )
 from adsparse.pruning.gmp import train_step
+from adsparse.pruning.repair import InputStats, expand_groups, realize_, repaired
 from adsparse.pruning.schedules import cubic_density
 from adsparse.pruning.targets import Context, check_loss
 
 __all__ = ["LearnedConfig", "run_learned"]
+
+JointCost = Callable[[list[torch.Tensor]], list[float]]  # masks -> loss increase per batch
 
 
 @dataclass
@@ -58,6 +61,22 @@ class LearnedConfig:
         update_every: training steps between two mask updates within a round.
         first_order: keep the first-order part ``-sum_cut dL/dM`` in the measured costs
             (off: it is mostly label noise on a few batches, see :func:`_profiles`).
+        compensate: the joint check measures each allocation's cut with the mean of what it
+            removes from every layer (``W_removed @ E[x]``) added back to that layer's output:
+            the part of the damage that training repairs first, so that allocations are
+            compared by what stays lost (docs/pruning.md).
+        repair: at block granularity, measure every cut (profiles and joint check) with the
+            layer's kept weights refit by least squares to its old output
+            (:mod:`~adsparse.pruning.repair`): the damage that stays once training has done
+            what the kept inputs allow, not the damage of the raw cut. Element granularity
+            measures raw cuts (a refit per row is too costly there).
+        realize: with ``repair``, also *apply* the refit: at every mask update of the
+            transition, the kept weights of each cut layer are refit to its output before the
+            update and its bias takes the mean of what was cut, so the model is where the
+            measurement assumed (the fine-tune after a transition is too short to get there by
+            itself; docs/pruning.md).
+        realize_steps: with ``realize``, training steps between two mask updates at least
+            (each update refits every cut layer; each costs about a training step of the layer).
         candidates: choose each round's allocation among the knapsack's and the standard ones
             (same factor, global, LAMP, half-way) by the loss of cutting all layers at once.
         profile_budget: forward passes the profiles may spend per training step of the
@@ -77,12 +96,17 @@ class LearnedConfig:
     profile_batches: int = 2
     update_every: int = 1
     first_order: bool = False
+    compensate: bool = True
+    repair: bool = True
+    realize: bool = True
+    realize_steps: int = 12
     candidates: bool = True
     min_share: float = 0.5
     profile_budget: float = 1.5
 
     def validate(self) -> None:
-        for name in ("rounds", "round_steps", "points", "profile_batches", "update_every"):
+        for name in ("rounds", "round_steps", "points", "profile_batches", "update_every",
+                     "realize_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"LearnedConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not self.spread >= 1.0:
@@ -139,19 +163,42 @@ def _prior(ctx: Context, min_weights: list[float]) -> list[float]:
     return at(hi)
 
 
+def _removed_mean(target: Any, mask: torch.Tensor, cut: torch.Tensor, mean: torch.Tensor
+                  ) -> torch.Tensor:
+    """``W_removed @ mean``: the mean contribution to the layer's output of the weights that
+    ``cut`` removes from ``mask`` (``[out_features]``)."""
+    gone = expand_groups(target, mask & ~cut)
+    weight = target.weight.detach()
+    return (weight * gone.to(weight.dtype)) @ mean
+
+
 def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess: list[float],
               min_weights: list[float], batches: list[Any], cfg: LearnedConfig, round_: int
-              ) -> tuple[list[list[tuple[float, float]]], Callable[[list[torch.Tensor]], float]]:
-    """``(removed weights, loss increase)`` points of every layer, the others as they are.
+              ) -> tuple[list[list[tuple[float, float]]], JointCost, list[InputStats] | None]:
+    """``(removed weights, loss increase)`` points of every layer, the others as they are; the
+    joint check's measurement; and, with repair, the layers' input statistics.
 
     The loss increase of a cut is measured on ``batches`` and, with ``cfg.first_order`` off,
-    its first-order part ``-sum_cut dL/dM`` on the same batches is subtracted: at a trained
+    its first-order part on the same batches, ``-sum_cut dL/dM``, is subtracted: at a trained
     model that part averages to zero but, measured on a few batches, it is mostly label noise
     (it grows like the cut, the rest like its square), which made small cuts look free or
     harmful at random.
+
+    With ``cfg.repair`` (block granularity), a cut layer is measured with its kept weights
+    refit to its old output (:func:`~adsparse.pruning.repair.repaired`), in the profiles and
+    in the joint check, and nothing is subtracted: the refit keeps the output, so the cut's
+    first-order part is gone with it, and what ``g * (W' - W)`` is left measures the refit
+    itself (subtracted, it made cuts of a briefly trained layer look like gains and left a
+    planted dead layer denser than half the live one). Otherwise, with ``cfg.compensate``, the
+    joint cost of an allocation is measured with ``W_removed @ E[x]`` (``E[x]``: the layer's
+    mean input on ``batches``) added to each layer's output; its one-layer profiles are not
+    compensated: that flattened them so much that a duplicated branch kept more than half a
+    live layer's density (the planted tests).
     """
     session = ctx.session
     proxies = session.proxies
+    repair = cfg.repair and ctx.targets[0].block_size is not None
+    compensate = cfg.compensate and not repair
 
     def loss() -> torch.Tensor:
         total = 0.0
@@ -159,24 +206,65 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
             total = total + check_loss(ctx.loss_fn(session.model, batch), i, "learned profile")
         return total / len(batches)
 
-    # The base loss of each batch and, by one backward, its gradient to every mask entry.
+    # The base loss of each batch and, by one backward, its gradient to every mask entry. With
+    # repair or compensate, also the statistics of every layer's input (forward pre-hooks,
+    # removed before anything else runs).
     base_per: list[float] = []
     grads_per: list[tuple[torch.Tensor, ...]] = []  # per batch, per layer: dL/dM
-    with torch.enable_grad():
-        for i, batch in enumerate(batches):
-            soft = []
-            for proxy, m in zip(proxies, masks):
-                proxy.mask = m.to(proxy.weight.dtype).requires_grad_(True)
-                soft.append(proxy.mask)
-            value = check_loss(ctx.loss_fn(session.model, batch), i, "learned profile")
-            grads_per.append(tuple(g.detach() for g in torch.autograd.grad(value, soft)))
-            base_per.append(float(value.detach()))
+    stats = [InputStats(p.in_features, p.weight.device) for p in proxies]
+
+    def recorder(layer: int) -> Callable:
+        def hook(_module: torch.nn.Module, args: tuple) -> None:
+            stats[layer].add(args[0])
+        return hook
+
+    hooks = [p.register_forward_pre_hook(recorder(i)) for i, p in enumerate(proxies)
+             ] if (compensate or repair) else []
+    try:
+        with torch.enable_grad():
+            for i, batch in enumerate(batches):
+                soft = []
+                for proxy, m in zip(proxies, masks):
+                    proxy.mask = m.to(proxy.weight.dtype).requires_grad_(True)
+                    soft.append(proxy.mask)
+                value = check_loss(ctx.loss_fn(session.model, batch), i, "learned profile")
+                grads_per.append(tuple(g.detach() for g in torch.autograd.grad(value, soft)))
+                base_per.append(float(value.detach()))
+    finally:
+        for h in hooks:
+            h.remove()
     base = sum(base_per) / len(base_per)
     grads = [sum(g[layer] for g in grads_per) / len(grads_per) for layer in range(len(masks))]
+    effective = [t.weight.detach() * expand_groups(t, m).to(t.weight.dtype)
+                 for t, m in zip(ctx.targets, masks)]
+
+    refits: dict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_cut(layer: int, cut: torch.Tensor) -> float:
+        """Cut layer ``layer`` to ``cut`` in its proxy; returns the first-order loss change of a
+        raw cut on the measuring batches (0 for a refit, whose first order is not subtracted)."""
+        proxy, target = proxies[layer], ctx.targets[layer]
+        proxy.mask = cut.to(proxy.weight.dtype)
+        if repair:
+            key = (layer, cut.cpu().numpy().tobytes())
+            if key not in refits:  # the joint check's candidates share many layers' cuts
+                refits[key] = repaired(effective[layer], cut, target.block_size, stats[layer])
+            proxy.override, proxy.shift = refits[key]
+            return 0.0
+        if compensate:
+            proxy.shift = _removed_mean(target, masks[layer], cut,
+                                        stats[layer].mean.to(proxy.weight.dtype))
+        return -float(grads[layer].double()[masks[layer] & ~cut].sum())
+
+    def reset(layer: int) -> None:
+        proxy = proxies[layer]
+        proxy.mask = masks[layer].to(proxy.weight.dtype)
+        proxy.override = proxy.shift = None
+
     curves = []
     with torch.no_grad():
-        for proxy, m in zip(proxies, masks):
-            proxy.mask = m.to(proxy.weight.dtype)
+        for layer in range(len(proxies)):
+            reset(layer)
         exps = _exponents(cfg.points, cfg.spread)
         for layer, t in enumerate(ctx.targets):
             c, g, least = kept[layer], guess[layer], min_weights[layer]
@@ -184,7 +272,6 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
             wants = sorted({max(least, c * ratio ** a) for a in exps} | {least}, reverse=True)
             scores = ctx.scores(t)
             ranked = rank_groups([scores], [t.sizes], [masks[layer]])
-            dldm = grads[layer].double()
             points = [(0.0, 0.0)]
             seen = {c}
             for want in wants:
@@ -194,12 +281,14 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
                 if x in seen or x > c:
                     continue
                 seen.add(x)
-                proxies[layer].mask = cut.to(proxies[layer].weight.dtype)
+                first = set_cut(layer, cut)
+                if compensate:  # the one-layer profiles are not compensated (docstring)
+                    proxies[layer].shift = None
                 cost = float(loss()) - base
-                if not cfg.first_order:
-                    cost += float(dldm[masks[layer] & ~cut].sum())
+                if not cfg.first_order and not repair:
+                    cost -= first
                 points.append((c - x, cost))
-            proxies[layer].mask = masks[layer].to(proxies[layer].weight.dtype)
+            reset(layer)
             curves.append(points)
             ctx.history.append({"round": round_, "layer": t.fqn, "profile": points})
 
@@ -212,17 +301,17 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
         (measured on the planted tests' briefly trained models); the noise that remains is
         handled by the paired comparison in :func:`run_learned`.
         """
-        for proxy, m in zip(proxies, cut):
-            proxy.mask = m.to(proxy.weight.dtype)
+        for layer, m in enumerate(cut):
+            set_cut(layer, m)
         out = []
         for i, batch in enumerate(batches):
             value = float(check_loss(ctx.loss_fn(session.model, batch), i, "learned profile"))
             out.append(value - base_per[i])
-        for proxy, m in zip(proxies, masks):
-            proxy.mask = m.to(proxy.weight.dtype)
+        for layer in range(len(cut)):
+            reset(layer)
         return out
 
-    return curves, joint_cost
+    return curves, joint_cost, (stats if repair else None)
 
 
 def _rebalance(goal: list[float], target: float, min_weights: list[float], caps: list[float]
@@ -311,7 +400,8 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
         target = min(target, sum(kept))
         eval_batches = [next(ctx.batches) for _ in range(batches_per_round)]
         guess = _guess(kept, prior, target, min_weights)
-        curves, joint_cost = _profiles(ctx, masks, kept, guess, min_weights, eval_batches, cfg, r)
+        curves, joint_cost, stats = _profiles(ctx, masks, kept, guess, min_weights,
+                                              eval_batches, cfg, r)
         # What the curves allow (each layer down to its min_weights, whole groups) bounds the cut.
         room = sum(max(x for x, _ in curve) for curve in curves)
         removed = allocate_removal(curves, min(room, max(0.0, sum(kept) - target)),
@@ -345,14 +435,22 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
                                 "kept": {k: v[1] for k, v in costs.items()}, "goal0": goal,
                                 "chosen": best})
         start = kept
+        # With realize, each mask update refits what it cut (block granularity; the round's
+        # input statistics), and the masks move every realize_steps steps at most often.
+        stats = stats if cfg.realize else None
+        every = max(cfg.update_every, cfg.realize_steps) if stats is not None else cfg.update_every
+        before = masks
         d0 = cubic_density(t0, steps, ctx.density) if steps else 1.0
         d1 = cubic_density(t1, steps, ctx.density) if steps else ctx.density
         for step in range(t0 + 1, t1 + 1):
             phi = 1.0 if d0 == d1 else (d0 - cubic_density(step, steps, ctx.density)) / (d0 - d1)
-            if step % cfg.update_every == 0 or step == t1:
+            if step % every == 0 or step == t1:
                 want = [s + phi * (g - s) for s, g in zip(start, goal)]
                 masks = select_allocation([ctx.scores(t) for t in targets], sizes, want,
                                           min_weights, eligible=masks)
+                if stats is not None:
+                    realize_(targets, before, masks, stats)
+                    before = masks
             loss = train_step(ctx, masks, step - 1, "learned transition")
             record = {"step": step - 1, "loss": loss, "round": r,
                       "density": sum(_kept(t.sizes, m) for t, m in zip(targets, masks)) / total}

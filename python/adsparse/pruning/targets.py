@@ -157,7 +157,10 @@ class MaskedProxy(nn.Module):
 
     Holds the original layer's Parameters themselves (not copies). ``mask`` is a plain tensor
     attribute set by the pruner before every step (a hard 0/1 mask, which may require grad so
-    that the loss's gradient with respect to each mask entry, ``dL/dM``, can be read).
+    that the loss's gradient with respect to each mask entry, ``dL/dM``, can be read). ``learned``
+    measures cuts with two more plain attributes, None otherwise: ``override`` (``[N, K]``), a
+    weight used instead of ``weight`` (the refit of ``LearnedConfig.repair``), and ``shift``
+    (``[out_features]``), added to the output.
     """
 
     def __init__(self, target: Target):
@@ -169,10 +172,14 @@ class MaskedProxy(nn.Module):
         self.block_size = target.block_size
         self.mask: torch.Tensor = torch.ones(target.grid, dtype=self.weight.dtype,
                                              device=self.weight.device)
+        self.override: torch.Tensor | None = None
+        self.shift: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.masked_linear(x, self.weight, self.mask.to(self.weight.dtype), self.bias,
-                                 block_size=self.block_size)
+        weight = self.weight if self.override is None else self.override
+        y = ops.masked_linear(x, weight, self.mask.to(self.weight.dtype), self.bias,
+                              block_size=self.block_size)
+        return y if self.shift is None else y + self.shift
 
 
 def _parent(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
