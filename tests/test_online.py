@@ -587,3 +587,19 @@ def test_online_pruner_keeps_learned_min_share_of_the_density_per_layer(share):
         assert d * n >= share * cfg.density * n - group, (fqn, d)
     with pytest.raises(ValueError, match="learned_min_share"):
         tiny_cfg(learned_min_share=1.5).validate()
+
+
+@pytest.mark.parametrize("repair", [False, True])
+def test_online_pruner_measures_raw_cuts_unless_learned_repair(repair):
+    """``learned_repair`` (a strategy knob: ``ad2s:learned_repair=1``) turns on the refit of
+    docs/pruning.md for the online pruner; off by default, as measured online."""
+    cfg = tiny_cfg()
+    specs = parse_strategies([f"ad2s:learned_repair={int(repair)}"], cfg)
+    own = specs[0].config(cfg)
+    assert own.learned_repair is repair and cfg.learned_repair is False
+    stream = tiny_stream(periods=1)
+    comps = default_components(stream.num_dense, stream.embedding_sizes, seed=0,
+                               model=TINY_MODEL)
+    pruner = comps.make_pruner(comps.make_model(), own.density, "learned", own)
+    assert pruner.learned_config.repair is repair
+    assert pruner.learned_config.compensate is False

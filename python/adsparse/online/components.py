@@ -102,12 +102,12 @@ def block_pruner(model: nn.Module, density: float, method: str, cfg: OnlineConfi
     def fits(module: nn.Module, fqn: str) -> bool:
         return module.out_features >= bn and module.in_features >= bk
 
-    # compensate=False, repair=False: the online benchmark (docs/online.md) measured learned
-    # without the compensated and repaired measurements of its cuts, added since for the
-    # pruning benchmark; online runs keep what was measured until it is measured again.
+    # Raw cuts unless cfg.learned_repair: the online benchmark (docs/online.md) measured learned
+    # before the repaired measurement of its cuts (docs/pruning.md) existed.
     return Pruner(model, density, method=method, granularity="block", block_size=(bn, bk),
                   filter_fn=fits, learned=LearnedConfig(min_share=cfg.learned_min_share,
-                                                        compensate=False, repair=False))
+                                                        compensate=False,
+                                                        repair=cfg.learned_repair))
 
 
 def default_components(num_dense: int, embedding_sizes: list[int], preset: str = "kaggle",

@@ -15,7 +15,8 @@ HANDOVERS = ("challenger", "immediate")
 #: ``OnlineConfig`` knobs one strategy may set for itself (``ad2s:min_interval=2``), so that
 #: variants run side by side on the same batches and are compared paired.
 STRATEGY_KNOBS = ("ne_tolerance", "drift_bound", "min_interval", "max_interval", "max_backoff",
-                  "follow_up", "baseline_windows", "handover_margin", "challenger_patience")
+                  "follow_up", "baseline_windows", "handover_margin", "challenger_patience",
+                  "learned_repair")
 
 
 def strategy_kinds() -> list[str]:
@@ -42,6 +43,9 @@ class OnlineConfig:
     # profiles must not starve a layer (0.5 cost 1-4 points of NE on the control stream;
     # 0.75 was as good as uniform; docs/online.md).
     learned_min_share: float = 0.75
+    # learned: measure block cuts refit to the layer's old output and apply the refit
+    # (LearnedConfig.repair/realize, docs/pruning.md). Off until measured online (docs/online.md).
+    learned_repair: bool = False
     # A regeneration must cost at most one period of dense training (192 steps on the default
     # stream): the transition's steps plus one distillation epoch over the buffer.
     prune_steps: int = 40  # optimisation steps of one pruning transition
