@@ -44,7 +44,8 @@ class OnlineConfig:
     # 0.75 was as good as uniform; docs/online.md).
     learned_min_share: float = 0.75
     # learned: measure block cuts refit to the layer's old output and apply the refit
-    # (LearnedConfig.repair/realize, docs/pruning.md). Off until measured online (docs/online.md).
+    # (LearnedConfig.repair/realize, docs/pruning.md). Off: online, ad2s with it was 0.25 points
+    # of relative NE worse on 3 of 3 seeds (within CI; docs/online.md).
     learned_repair: bool = False
     # A regeneration must cost at most one period of dense training (192 steps on the default
     # stream): the transition's steps plus one distillation epoch over the buffer.

@@ -18,6 +18,12 @@ layer moves to its target along the cubic schedule, training through hard nested
 last round ends exactly at the budget. A layer the loss does not need (its output scaled away
 downstream, or duplicated) costs nothing to cut, so it is cut first, whatever its weights'
 magnitude; a layer whose every weight matters keeps its share.
+
+Cuts are measured net of what training repairs first: at block granularity with the layer's
+kept weights refit by least squares to its old output (:mod:`~adsparse.pruning.repair`,
+``LearnedConfig.repair``), a refit the transition then applies as its masks move
+(``realize``); at element granularity the joint check adds back the mean of what a cut removes
+(``compensate``).
 """
 
 from __future__ import annotations
