@@ -5,7 +5,8 @@ weights as they are, that is the damage of the cut *before any training*; but a 
 trains the kept weights at once, and the first thing training repairs is whatever the kept
 inputs can still express of the removed ones. A layer whose inputs are redundant (correlated
 units) loses little once repaired; a layer whose removed inputs carried information found
-nowhere else keeps its damage. The refit measures that (docs/pruning.md, "Repaired profiles"):
+nowhere else keeps its damage. The refit measures that (docs/pruning.md, "Cuts measured after
+what training repairs first"):
 
     W' = argmin_{W' = 0 outside S}  E || (x - mu) (W - W')^T ||^2 + ridge * || W - W' ||^2,
     shift = (W - W') mu
@@ -30,7 +31,8 @@ __all__ = ["InputStats", "expand_groups", "realize_", "repaired"]
 
 # Ridge of the refit, relative to the mean input variance: the fit uses the same two batches it
 # is measured on, so an unregularized solve would overstate what ~500 rows can support. The
-# DLRM benchmark gave the same allocations' quality at 1e-2 and 1e-1 (docs/pruning.md).
+# DLRM benchmark's block NE was the same at 1e-2, 1e-1 and 1 (measured with an earlier form of
+# the ridge that shrank W' to zero; docs/pruning.md).
 RIDGE = 1e-2
 BUCKET = 8  # row blocks solved together (see repaired)
 
