@@ -516,10 +516,10 @@ def read_runs(paths: Sequence[str]) -> tuple[list[dict], dict[str, list[float]]]
     """
     by_key: dict[tuple, dict] = {}
     refs: dict[tuple[str, int], float] = {}
-    for path in paths:
+    for source, path in enumerate(paths):
         with open(path, newline="") as f:
             for row in csv.DictReader(f):
-                r = {"model": row["model"], "seed": int(row["seed"]),
+                r = {"model": row["model"], "seed": int(row["seed"]), "source": source,
                      "granularity": row["granularity"], "density": float(row["density"]),
                      "method": row["method"], "ne": float(row["ne"]),
                      "achieved": float(row["achieved"]), "prune_s": float(row["prune_s"]),
@@ -557,6 +557,20 @@ def targets(rows: list[dict]) -> list[str]:
     return lines
 
 
+def timing_ratio(runs: list[dict]) -> str:
+    """``learned`` / ``gmp`` transition time over the cells (granularity, density, seed) where
+    both ran in the same run (the same file): times of runs of other days and loads do not
+    compare."""
+    by = {(r["granularity"], r["density"], r["seed"], r["method"]): r for r in runs}
+    pairs = [(r["prune_s"], by[k[:3] + ("gmp",)]["prune_s"]) for k, r in by.items()
+             if k[3] == "learned" and k[:3] + ("gmp",) in by
+             and by[k[:3] + ("gmp",)]["source"] == r["source"]]
+    if not pairs:
+        return "not measured (no gmp and learned runs of the same file)"
+    lrn, gmp = statistics.fmean(a for a, _ in pairs), statistics.fmean(b for _, b in pairs)
+    return f"{lrn / gmp:.2f} ({lrn:.2f} s vs {gmp:.2f} s, {len(pairs)} runs of the same files)"
+
+
 def report(paths: Sequence[str], out: str) -> list[dict]:
     """Print the tables and targets of finished runs; write the combined summary CSV."""
     runs, dense = read_runs(paths)
@@ -569,12 +583,8 @@ def report(paths: Sequence[str], out: str) -> list[dict]:
     for line in targets(rows):
         print(line)
     for model in sorted(dense):
-        gmp = [r["prune_s"] for r in runs if r["model"] == model and r["method"] == "gmp"]
-        lrn = [r["prune_s"] for r in runs if r["model"] == model and r["method"] == "learned"]
-        if gmp and lrn:
-            print(f"{model}: transition wall time learned/gmp = "
-                  f"{statistics.fmean(lrn) / statistics.fmean(gmp):.2f} "
-                  f"({statistics.fmean(lrn):.2f} s vs {statistics.fmean(gmp):.2f} s)")
+        line = timing_ratio([r for r in runs if r["model"] == model])
+        print(f"{model}: transition wall time learned/gmp = {line}")
     if out:
         write_csv(Path(out + "_summary.csv"), rows)
     return rows

@@ -368,6 +368,10 @@ def test_bench_pruning_report_merges_a_rerun_and_checks_pairing(tmp_path) -> Non
     row = next(r for r in bench.summarize(runs, refs) if r["method"] == "learned")
     assert row["best_other"] == "gmp" and abs(row["diff_mean"] + 0.05) < 1e-12
     assert row["rank"] == 1
+    # timings compare only within a file: learned's rerun has no gmp beside it
+    assert bench.timing_ratio(runs).startswith("not measured")
+    runs, _ = bench.read_runs([str(full)])
+    assert bench.timing_ratio(runs).startswith("1.00 (1.00 s vs 1.00 s, 2 runs")
     bench.write_csv(other, [dense(0, 0.5), dense(1, 0.61), run(1, "learned", 0.7)])
     with pytest.raises(ValueError, match="not paired"):
         bench.read_runs([str(full), str(other)])
