@@ -217,7 +217,7 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
     # removed before anything else runs).
     base_per: list[float] = []
     grads_per: list[tuple[torch.Tensor, ...]] = []  # per batch, per layer: dL/dM
-    stats = [InputStats(p.in_features, p.weight.device) for p in proxies]
+    stats = [InputStats(p.in_features, p.weight.device, second_moment=repair) for p in proxies]
 
     def recorder(layer: int) -> Callable:
         def hook(_module: torch.nn.Module, args: tuple) -> None:
@@ -242,7 +242,7 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
     base = sum(base_per) / len(base_per)
     grads = [sum(g[layer] for g in grads_per) / len(grads_per) for layer in range(len(masks))]
     effective = [t.weight.detach() * expand_groups(t, m).to(t.weight.dtype)
-                 for t, m in zip(ctx.targets, masks)]
+                 for t, m in zip(ctx.targets, masks)] if repair else []  # what a refit fits
 
     refits: dict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -443,8 +443,8 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
         start = kept
         # With realize, each mask update refits what it cut (block granularity; the round's
         # input statistics), and the masks move every realize_steps steps at most often.
-        stats = stats if cfg.realize else None
-        every = max(cfg.update_every, cfg.realize_steps) if stats is not None else cfg.update_every
+        realizing = stats if cfg.realize else None
+        every = max(cfg.update_every, cfg.realize_steps) if realizing else cfg.update_every
         before = masks
         d0 = cubic_density(t0, steps, ctx.density) if steps else 1.0
         d1 = cubic_density(t1, steps, ctx.density) if steps else ctx.density
@@ -454,8 +454,8 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
                 want = [s + phi * (g - s) for s, g in zip(start, goal)]
                 masks = select_allocation([ctx.scores(t) for t in targets], sizes, want,
                                           min_weights, eligible=masks)
-                if stats is not None:
-                    realize_(targets, before, masks, stats)
+                if realizing:
+                    realize_(targets, before, masks, realizing)
                     before = masks
             loss = train_step(ctx, masks, step - 1, "learned transition")
             record = {"step": step - 1, "loss": loss, "round": r,

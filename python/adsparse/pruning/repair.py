@@ -38,53 +38,47 @@ BUCKET = 8  # row blocks solved together (see repaired)
 
 
 class InputStats:
-    """Running mean and covariance (float64) of a layer's inputs, fed by :meth:`add`."""
+    """Running mean (and, with ``second_moment``, covariance) of a layer's inputs, in float64,
+    fed by :meth:`add`. The refit needs the covariance; the mean compensation of element cuts
+    only the mean, and skips the ``K x K`` product per batch."""
 
-    def __init__(self, features: int, device: torch.device | str = "cpu"):
+    def __init__(self, features: int, device: torch.device | str = "cpu",
+                 second_moment: bool = True):
         self.rows = 0
         self.sum = torch.zeros(features, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.outer = (torch.zeros(features, features, dtype=torch.float64, device=device)
+                      if second_moment else None)
         self._system: torch.Tensor | None = None
         self._precision: torch.Tensor | None = None
-        self._system32: torch.Tensor | None = None
-        self._precision32: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
         self.rows += x.shape[0]
         self.sum += x.sum(0)
-        self.outer += x.T @ x
-        self._system = self._precision = self._system32 = self._precision32 = None
+        if self.outer is not None:
+            self.outer += x.T @ x
+        self._system = self._precision = None
+
+    def _system64(self) -> torch.Tensor:
+        cov = self.cov
+        return cov + torch.eye(len(cov), dtype=cov.dtype, device=cov.device) * (
+            RIDGE * float(cov.diagonal().mean().clamp_min(1e-12)))
 
     @property
     def system(self) -> torch.Tensor:
-        """``A = cov + ridge * I`` of the refit (cached until the next :meth:`add`)."""
+        """``A = cov + ridge * I`` of the refit, in float32, what the solves use (cached until
+        the next :meth:`add`)."""
         if self._system is None:
-            cov = self.cov
-            self._system = cov + torch.eye(len(cov), dtype=cov.dtype, device=cov.device) * (
-                RIDGE * float(cov.diagonal().mean().clamp_min(1e-12)))
+            self._system = self._system64().float()
         return self._system
 
     @property
     def precision(self) -> torch.Tensor:
-        """``A^-1`` (cached until the next :meth:`add`)."""
+        """``A^-1`` in float32, inverted in float64 (cached until the next :meth:`add`)."""
         if self._precision is None:
-            self._precision = torch.cholesky_inverse(torch.linalg.cholesky(self.system))
+            self._precision = torch.cholesky_inverse(
+                torch.linalg.cholesky(self._system64())).float()
         return self._precision
-
-    @property
-    def system32(self) -> torch.Tensor:
-        """:attr:`system` in float32 (cached), what the solves use."""
-        if self._system32 is None:
-            self._system32 = self.system.float()
-        return self._system32
-
-    @property
-    def precision32(self) -> torch.Tensor:
-        """:attr:`precision` in float32 (cached)."""
-        if self._precision32 is None:
-            self._precision32 = self.precision.float()
-        return self._precision32
 
     @property
     def mean(self) -> torch.Tensor:
@@ -92,6 +86,8 @@ class InputStats:
 
     @property
     def cov(self) -> torch.Tensor:
+        if self.outer is None:
+            raise ValueError("InputStats(second_moment=False) keeps no covariance")
         mu = self.mean
         return self.outer / max(1, self.rows) - torch.outer(mu, mu)
 
@@ -138,7 +134,7 @@ def repaired(weight: torch.Tensor, cut: torch.Tensor, block_size: tuple[int, int
     n, k = weight.shape
     bn, bk = block_size or (1, 1)
     rows_b = cut.shape[0]
-    a = stats.system32
+    a = stats.system
     kept = cut.repeat_interleave(bk, 1)[:, :k]  # [row blocks, K]
     padded = torch.zeros(rows_b * bn, k, dtype=torch.float32, device=weight.device)
     padded[:n] = weight.detach()
@@ -166,7 +162,7 @@ def repaired(weight: torch.Tensor, cut: torch.Tensor, block_size: tuple[int, int
                 delta = _solve(a, order, valid, _rows(a, order) @ w_r)
                 fit[chunk] = fit[chunk].scatter_add(1, gather, delta)
             else:  # W' = W - P_:R P_RR^-1 W_R  (P symmetric: P_:R = P_R:^T)
-                precision = stats.precision32
+                precision = stats.precision
                 inner = _solve(precision, order, valid, torch.gather(w_r, 1, gather))
                 p_r = _rows(precision, order) * valid[:, :, None]  # [r, m, K]
                 fit[chunk] = fit[chunk] - p_r.transpose(1, 2) @ inner
