@@ -69,6 +69,32 @@ def test_repaired_matches_a_rowwise_float64_reference(n, k, block, density) -> N
         torch.testing.assert_close(got, weight)
 
 
+@pytest.mark.parametrize(("n", "k", "block"), [(53, 41, (16, 16)), (37, 29, (8, 4)),
+                                               (20, 13, None)])
+def test_repaired_nested_matches_the_reference_for_every_cut(n, k, block) -> None:
+    """Nested cuts (the top groups of one ranking, as a profile's points: densities that take
+    either form, and nothing cut) share their factorizations; a cut that is not nested with
+    them (another ranking) is refit alone. Each matches the float64 reference."""
+    torch.manual_seed(n + k)
+    x = torch.randn(300, k) @ torch.randn(k, k) / k ** 0.5 + torch.randn(k)
+    weight = torch.randn(n, k)
+    grid = (n, k) if block is None else (-(-n // block[0]), -(-k // block[1]))
+    rank = torch.rand(grid)
+    nested = [rank < q for q in (1.01, 0.9, 0.6, 0.45, 0.2, 0.05)]
+    other = torch.rand(grid) < 0.5
+    stats = InputStats(k)
+    stats.add(x)
+    cuts = [nested[2], other, *nested[:2], *nested[3:]]
+    got = repair.repaired_nested(weight, cuts, block, stats)
+    assert len(got) == len(cuts)
+    for cut, (fit, shift) in zip(cuts, got):
+        keep = cut if block is None else expand_block_mask(cut, block, (n, k))
+        want, want_shift = reference(weight, x, keep)
+        assert bool((fit[~keep] == 0).all())
+        torch.testing.assert_close(fit.double(), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(shift.double(), want_shift, atol=1e-4, rtol=1e-4)
+
+
 def test_input_stats_are_the_mean_and_population_covariance() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 70, 9) * 2 + 1  # leading dims are flattened, as a layer's input

@@ -43,13 +43,14 @@ from adsparse.pruning.allocation import (
     select_global,
 )
 from adsparse.pruning.gmp import train_step
-from adsparse.pruning.repair import InputStats, expand_groups, realize_, repaired
+from adsparse.pruning.repair import InputStats, expand_groups, realize_, repaired_nested
 from adsparse.pruning.schedules import cubic_density
 from adsparse.pruning.targets import Context, check_loss
 
 __all__ = ["LearnedConfig", "run_learned"]
 
-JointCost = Callable[[list[torch.Tensor]], list[float]]  # masks -> loss increase per batch
+# allocations (each a list of masks) -> each one's loss increase per batch
+JointCost = Callable[[list[list[torch.Tensor]]], list[list[float]]]
 
 
 @dataclass
@@ -246,16 +247,30 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
 
     refits: dict[tuple[int, bytes], tuple[torch.Tensor, torch.Tensor]] = {}
 
+    def refit_key(layer: int, cut: torch.Tensor) -> tuple[int, bytes]:
+        return layer, cut.cpu().numpy().tobytes()
+
+    def prefetch(layer: int, cuts: list[torch.Tensor]) -> None:
+        """Refit the cuts of ``layer`` not refit yet, together: the profile's points and the
+        candidates' cuts of a layer each keep the top groups of one ranking, so they nest and
+        share their factorizations (:func:`~adsparse.pruning.repair.repaired_nested`)."""
+        if not repair:
+            return
+        todo = {refit_key(layer, c): c for c in cuts}
+        todo = {k: c for k, c in todo.items() if k not in refits}
+        if todo:
+            fits = repaired_nested(effective[layer], list(todo.values()),
+                                   ctx.targets[layer].block_size, stats[layer])
+            refits.update(zip(todo, fits))
+
     def set_cut(layer: int, cut: torch.Tensor) -> float:
         """Cut layer ``layer`` to ``cut`` in its proxy; returns the first-order loss change of a
         raw cut on the measuring batches (0 for a refit, whose first order is not subtracted)."""
         proxy, target = proxies[layer], ctx.targets[layer]
         proxy.mask = cut.to(proxy.weight.dtype)
         if repair:
-            key = (layer, cut.cpu().numpy().tobytes())
-            if key not in refits:  # the joint check's candidates share many layers' cuts
-                refits[key] = repaired(effective[layer], cut, target.block_size, stats[layer])
-            proxy.override, proxy.shift = refits[key]
+            prefetch(layer, [cut])  # (done already by the callers, for many cuts at once)
+            proxy.override, proxy.shift = refits[refit_key(layer, cut)]
             return 0.0
         if compensate:
             proxy.shift = _removed_mean(target, masks[layer], cut,
@@ -280,6 +295,7 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
             ranked = rank_groups([scores], [t.sizes], [masks[layer]])
             points = [(0.0, 0.0)]
             seen = {c}
+            cuts = []
             for want in wants:
                 cut = select_allocation([scores], [t.sizes], [want], [least],
                                         eligible=[masks[layer]], ranked=ranked)[0]
@@ -287,6 +303,9 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
                 if x in seen or x > c:
                     continue
                 seen.add(x)
+                cuts.append((x, cut))
+            prefetch(layer, [m for _, m in cuts])
+            for x, cut in cuts:
                 first = set_cut(layer, cut)
                 if compensate:  # the one-layer profiles are not compensated (docstring)
                     proxies[layer].shift = None
@@ -299,22 +318,28 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
             ctx.history.append({"round": round_, "layer": t.fqn, "profile": points})
 
     @torch.no_grad()
-    def joint_cost(cut: list[torch.Tensor]) -> list[float]:
-        """Per batch, the loss increase of cutting every layer at once to ``cut``.
+    def joint_cost(allocations: list[list[torch.Tensor]]) -> list[list[float]]:
+        """For each allocation (one mask per layer), per batch, the loss increase of cutting
+        every layer at once to it.
 
         Uncorrected: between allocations of the same budget the first-order parts are of one
         size and partly cancel, and a model far from a minimum has a real first-order part
         (measured on the planted tests' briefly trained models); the noise that remains is
         handled by the paired comparison in :func:`run_learned`.
         """
-        for layer, m in enumerate(cut):
-            set_cut(layer, m)
+        for layer in range(len(proxies)):
+            prefetch(layer, [cut[layer] for cut in allocations])
         out = []
-        for i, batch in enumerate(batches):
-            value = float(check_loss(ctx.loss_fn(session.model, batch), i, "learned profile"))
-            out.append(value - base_per[i])
-        for layer in range(len(cut)):
-            reset(layer)
+        for cut in allocations:
+            for layer, m in enumerate(cut):
+                set_cut(layer, m)
+            per = []
+            for i, batch in enumerate(batches):
+                value = float(check_loss(ctx.loss_fn(session.model, batch), i, "learned profile"))
+                per.append(value - base_per[i])
+            for layer in range(len(cut)):
+                reset(layer)
+            out.append(per)
         return out
 
     return curves, joint_cost, (stats if repair else None)
@@ -417,11 +442,10 @@ def run_learned(ctx: Context) -> list[torch.Tensor]:
             costs = {}
             keys = [ctx.scores(t) for t in targets]
             ranked = rank_groups(keys, sizes, masks)
-            for name, want in _candidates(ctx, masks, kept, goal, target, min_weights,
-                                          curves, ranked).items():
-                cut = select_allocation(keys, sizes, want, min_weights, eligible=masks,
-                                        ranked=ranked)
-                per = joint_cost(cut)
+            wants = _candidates(ctx, masks, kept, goal, target, min_weights, curves, ranked)
+            cuts = [select_allocation(keys, sizes, want, min_weights, eligible=masks,
+                                      ranked=ranked) for want in wants.values()]
+            for name, cut, per in zip(wants, cuts, joint_cost(cuts)):
                 costs[name] = (sum(per) / len(per), [_kept(t.sizes, m) for t, m in
                                                      zip(targets, cut)], per)
             # Another allocation replaces the knapsack's only when it is cheaper by more than

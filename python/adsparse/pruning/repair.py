@@ -27,7 +27,7 @@ import torch
 
 from adsparse.nn import expand_block_mask
 
-__all__ = ["InputStats", "expand_groups", "realize_", "repaired"]
+__all__ = ["InputStats", "expand_groups", "realize_", "repaired", "repaired_nested"]
 
 # Ridge of the refit, relative to the mean input variance: the fit uses the same two batches it
 # is measured on, so an unregularized solve would overstate what ~500 rows can support. The
@@ -92,29 +92,24 @@ class InputStats:
         return self.outer / max(1, self.rows) - torch.outer(mu, mu)
 
 
-def _padded(sets: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Column indices of each row's set (``sets``: bool ``[r, K]``) first, padded to ``m``, and
-    which of them are real."""
-    order = torch.argsort((~sets).to(torch.int8), dim=1, stable=True)[:, :m]
-    valid = torch.arange(m, device=sets.device)[None, :] < sets.sum(1)[:, None]
-    return order, valid
-
-
 def _rows(a: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``a[order]`` (``[r, m, K]``) through one index_select (half the time of indexing)."""
     return a.index_select(0, order.flatten()).view(*order.shape, a.shape[1])
 
 
-def _solve(a: torch.Tensor, order: torch.Tensor, valid: torch.Tensor, rhs: torch.Tensor
-           ) -> torch.Tensor:
-    """``a[set, set]^-1 rhs`` for every row's set (padding solves identity rows, gives 0)."""
+def _factor(a_rows: torch.Tensor, order: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Per row, the Cholesky factor ``L`` of ``a[o, o]`` (``a_rows``: ``a[o]``, ``[r, m, K]``)
+    for its first ``size`` columns ``o`` of ``order`` (``[r, m]``), identity past them.
+
+    ``L`` is lower triangular, so the factor of any shorter prefix is its leading block:
+    forward substitution with ``L`` solves every prefix at once, and back substitution with
+    ``L^T`` of a vector zero past a prefix solves that prefix alone (the zeros stay zero),
+    which is how one factorization serves every nested set."""
     m = order.shape[1]
-    sub = torch.gather(_rows(a, order), 2, order[:, None, :].expand(-1, m, -1))  # [r, m, m]
+    valid = torch.arange(m, device=order.device)[None, :] < size[:, None]
+    sub = torch.gather(a_rows, 2, order[:, None, :].expand(-1, m, -1))  # [r, m, m]
     sub = torch.where(valid[:, :, None] & valid[:, None, :], sub, 0.0)
-    sub = sub + torch.diag_embed((~valid).to(sub.dtype))
-    rhs = torch.where(valid[:, :, None], rhs, 0.0)
-    return torch.where(valid[:, :, None],
-                       torch.cholesky_solve(rhs, torch.linalg.cholesky(sub)), 0.0)
+    return torch.linalg.cholesky(sub + torch.diag_embed((~valid).to(sub.dtype)))
 
 
 def repaired(weight: torch.Tensor, cut: torch.Tensor, block_size: tuple[int, int] | None,
@@ -122,54 +117,88 @@ def repaired(weight: torch.Tensor, cut: torch.Tensor, block_size: tuple[int, int
     """``(W', shift)``: the weight ``weight`` ``[N, K]`` refit on the groups ``cut`` keeps
     (``cut``: a bool grid, ``[N/bn, K/bk]`` blocks or ``[N, K]`` elements) and the output shift
     ``(W - W') mu`` ``[N]`` that keeps the layer's mean output. ``W'`` is zero outside ``cut``.
+    One cut of :func:`repaired_nested`, which says how."""
+    return repaired_nested(weight, [cut], block_size, stats)[0]
+
+
+def repaired_nested(weight: torch.Tensor, cuts: list[torch.Tensor],
+                    block_size: tuple[int, int] | None, stats: InputStats
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`repaired` of each of ``cuts``, several cuts of one layer, sharing the work where
+    their kept sets are nested (as the points of a layer's profile are: each keeps the top
+    groups of one ranking); a cut that is not nested with the others is refit alone.
 
     Each row block's kept columns ``S`` and removed columns ``R`` (the rest of ``K``) give the
     same refit two ways: ``W'_S = W_S + A_SS^-1 A_SR W_R`` (a solve of size ``|S|``) or
     ``W' = W - P_:R P_RR^-1 W_R`` with ``P = A^-1`` (size ``|R|``, the optimal-brain-surgeon
     form), ``A = cov + ridge``; each row block takes the smaller, solved BUCKET at a time.
-    The statistics are float64; the solves run in float32 (the gathers and factorizations are
-    the cost, and the ridge keeps the systems' condition below ~1e4: the refit is good to
-    ~1e-4 relative, bounded against a float64 reference in the tests).
+    Ordering a row block's columns by how many cuts keep them makes every cut's ``S`` a prefix
+    of that order (and every ``R`` a prefix of the reverse), so one Cholesky factorization per
+    row block and form, of the largest set any cut needs, serves all of them (the
+    factorizations and the gathers of ``A`` were the refits' cost).
+    The statistics are float64; the solves run in float32 (the ridge keeps the systems'
+    condition below ~1e4: the refit is good to ~1e-4 relative, bounded against a float64
+    reference in the tests).
     """
     n, k = weight.shape
     bn, bk = block_size or (1, 1)
-    rows_b = cut.shape[0]
-    a = stats.system
-    kept = cut.repeat_interleave(bk, 1)[:, :k]  # [row blocks, K]
+    rows_b = cuts[0].shape[0]
+    kept = torch.stack([c.repeat_interleave(bk, 1)[:, :k] for c in cuts])  # [P, row blocks, K]
+    order = torch.argsort(-kept.sum(0), dim=1, stable=True)  # kept by more cuts first
+    count = kept.sum(2)  # [P, row blocks]
+    in_order = kept.gather(2, order[None].expand_as(kept))
+    prefix = torch.arange(k, device=kept.device)[None, None, :] < count[:, :, None]
+    nested = (in_order == prefix).flatten(1).all(1)
+    if len(cuts) > 1 and not bool(nested.all()):
+        alone = {i for i in range(len(cuts)) if not bool(nested[i])}
+        rest = [c for i, c in enumerate(cuts) if i not in alone]
+        together = iter(repaired_nested(weight, rest, block_size, stats) if rest else [])
+        return [repaired_nested(weight, [c], block_size, stats)[0] if i in alone
+                else next(together) for i, c in enumerate(cuts)]
     padded = torch.zeros(rows_b * bn, k, dtype=torch.float32, device=weight.device)
     padded[:n] = weight.detach()
     w_t = padded.reshape(rows_b, bn, k).transpose(1, 2)  # [R, K, bn]
-    fit = w_t.clone()
-    count = kept.sum(1)
-    small_s = count <= k - count
+    fits = [w_t.clone() for _ in cuts]
     # Row blocks that lose no weight keep theirs (W_R = 0): no solve.
-    changed = ((w_t != 0) & ~kept[:, :, None]).flatten(1).any(1)
+    changed = torch.stack([((w_t != 0) & ~kp[:, :, None]).flatten(1).any(1) for kp in kept])
+    small_s = count <= k - count
     for use_s in (True, False):
-        rows = torch.nonzero((small_s == use_s) & changed).flatten()
+        uses = (small_s == use_s) & changed  # [P, R]: which cut solves which row block here
+        sizes = torch.where(uses, count if use_s else k - count, 0)
+        need = sizes.max(0).values  # the largest set each row block's factorization serves
+        rows = torch.nonzero(need > 0).flatten()
         if len(rows) == 0:
             continue
-        sizes = count[rows] if use_s else k - count[rows]
-        rows = rows[torch.argsort(sizes, stable=True)]
+        rows = rows[torch.argsort(need[rows], stable=True)]
+        a = stats.system if use_s else stats.precision
         for chunk in rows.split(BUCKET):
-            sets = kept[chunk] if use_s else ~kept[chunk]
-            m = int(sets.sum(1).max())
-            if m == 0:
-                continue
-            order, valid = _padded(sets, m)
-            w_r = w_t[chunk] * (~kept[chunk]).to(w_t.dtype)[:, :, None]  # W_R, zero elsewhere
-            gather = order[:, :, None].expand(-1, -1, bn)
-            if use_s:  # W'_S = W_S + A_SS^-1 A_SR W_R
-                delta = _solve(a, order, valid, _rows(a, order) @ w_r)
-                fit[chunk] = fit[chunk].scatter_add(1, gather, delta)
-            else:  # W' = W - P_:R P_RR^-1 W_R  (P symmetric: P_:R = P_R:^T)
-                precision = stats.precision
-                inner = _solve(precision, order, valid, torch.gather(w_r, 1, gather))
-                p_r = _rows(precision, order) * valid[:, :, None]  # [r, m, K]
-                fit[chunk] = fit[chunk] - p_r.transpose(1, 2) @ inner
-    fit = fit * kept.to(fit.dtype)[:, :, None]
-    out = fit.transpose(1, 2).reshape(rows_b * bn, k)[:n]
-    shift = (padded[:n] - out).double() @ stats.mean
-    return out.to(weight.dtype), shift.to(weight.dtype)
+            m = int(need[chunk].max())
+            cols = order[chunk, :m] if use_s else order[chunk].flip(1)[:, :m]
+            a_rows = _rows(a, cols)  # [r, m, K]
+            factor = _factor(a_rows, cols, need[chunk])
+            gather = cols[:, :, None].expand(-1, -1, bn)
+            w = w_t[chunk]
+            # S form: W'_S = A_SS^-1 (A W)_S, the same as W_S + A_SS^-1 A_SR W_R. OBS form:
+            # P_RR^-1 W_R. Either way the forward half of the solve is shared by every cut.
+            half = torch.linalg.solve_triangular(
+                factor, a_rows @ w if use_s else torch.gather(w, 1, gather), upper=False)
+            span = torch.arange(m, device=cols.device)[None, :, None]
+            for p in range(len(cuts)):
+                if not bool(uses[p, chunk].any()):
+                    continue
+                part = torch.where(span < sizes[p, chunk][:, None, None], half, 0.0)
+                solved = torch.linalg.solve_triangular(factor.mT, part, upper=True)
+                # S: past each row's |S| the solution is 0 (cut columns, masked below). OBS:
+                # W' = W - P_:R P_RR^-1 W_R (P symmetric: P_:R = P_R:^T).
+                fit = (w.scatter(1, gather, solved) if use_s
+                       else w - a_rows.transpose(1, 2) @ solved)
+                fits[p][chunk] = torch.where(uses[p, chunk][:, None, None], fit, fits[p][chunk])
+    out = []
+    for fit, kp in zip(fits, kept):
+        fit = (fit * kp.to(fit.dtype)[:, :, None]).transpose(1, 2).reshape(rows_b * bn, k)[:n]
+        shift = (padded[:n] - fit).double() @ stats.mean
+        out.append((fit.to(weight.dtype), shift.to(weight.dtype)))
+    return out
 
 
 def expand_groups(target: Any, grid: torch.Tensor) -> torch.Tensor:
