@@ -96,6 +96,17 @@ struct Q {
     const __m128i s = _mm_hadd_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d), s);
   }
+  // A full tile's row (2 vectors of 4 columns) as qfinish computes it, in one vector.
+  static constexpr int kFinishCols = 8;
+  static inline void finish(const int32_t* s, float sx, const float* sw, const float* bias,
+                            int relu, float* o) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(sx));
+    y = _mm256_mul_ps(y, _mm256_loadu_ps(sw));
+    if (bias) y = _mm256_add_ps(y, _mm256_loadu_ps(bias));
+    if (relu) y = _mm256_max_ps(_mm256_setzero_ps(), y);  // NaN (second operand) passes
+    _mm256_storeu_ps(o, y);
+  }
   static constexpr int kQW = 8;
   static inline uint32_t absmax_bits(const float* x, int64_t n) {
     const __m256i bits = _mm256_set1_epi32(0x7fffffff);

@@ -42,6 +42,17 @@ struct Q {
   static inline void store_cols(Acc acc, Acc ws, int32_t* d) {
     _mm512_storeu_si512(d, _mm512_sub_epi32(acc, _mm512_slli_epi32(ws, 7)));
   }
+  // A full tile's row (16 columns, kQMaxNV = 1) as qfinish computes it, in one vector. Written
+  // out: GCC's vectorized loop checked at run time, per row, that out, sw and bias do not alias.
+  static constexpr int kFinishCols = 16;
+  static inline void finish(const int32_t* s, float sx, const float* sw, const float* bias,
+                            int relu, float* o) {
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(s)), _mm512_set1_ps(sx));
+    y = _mm512_mul_ps(y, _mm512_loadu_ps(sw));
+    if (bias) y = _mm512_add_ps(y, _mm512_loadu_ps(bias));
+    if (relu) y = _mm512_max_ps(_mm512_setzero_ps(), y);  // NaN (second operand) passes
+    _mm512_storeu_ps(o, y);
+  }
   static constexpr int kQW = 16;
   static inline uint32_t absmax_bits(const float* x, int64_t n) {
     const __m512i bits = _mm512_set1_epi32(0x7fffffff);

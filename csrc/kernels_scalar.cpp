@@ -130,6 +130,8 @@ struct Q {
   static inline void store_cols(const Acc& acc, const Acc&, int32_t* d) {
     for (int c = 0; c < kCols; ++c) d[c] = acc.v[c];
   }
+  static constexpr int kFinishCols = 0;  // qfinish's loop
+  static inline void finish(const int32_t*, float, const float*, const float*, int, float*) {}
   static constexpr int kQW = 8;
   static inline uint32_t absmax_bits(const float* x, int64_t n) {
     uint32_t r = 0;

@@ -11,6 +11,8 @@
 //   madd(c,x,w)  c + per column sum_{t<4} x[t] * w[column][t], exact int32
 //   wsum(c,w)    c + per column sum_{t<4} w[column][t] (only used when kXShift != 0)
 //   store_cols(acc, wsum, dst)  the kCols int32 dot products: acc - kXShift * wsum
+//   kFinishCols, finish(s, sx, sw, bias, relu, o)  qfinish of kFinishCols columns (a full tile's
+//                row) in vectors; kFinishCols = 0 where there is none (then qfinish does it)
 //   kQW, absmax_bits(x, n), quantize(x, n, inv, q)  the activation quantization's vector parts,
 //                for n a multiple of kQW (the tails are done here, element by element)
 //
@@ -37,6 +39,19 @@ inline void pack_qpanel(const QArgs& a, int64_t p, typename Q::XA* ws, float* ps
     const int8_t* __restrict src = qrow;
     XA* __restrict dst = ws + i * ldx;
     for (int64_t k = 0; k < ldx; ++k) dst[k] = static_cast<XA>(src[k] + Q::kXShift);
+  }
+}
+
+// y[c] = act(s[c] * sx * sw[c] + bias[c]) for the n columns of one row of a tile: the products
+// in that order, rounded one by one (Q::finish, the vector form of full tiles, computes the same).
+inline void qfinish(const int32_t* s, int64_t n, float sx, const float* sw, const float* bias,
+                    int relu, float* o) {
+  for (int64_t c = 0; c < n; ++c) {
+    float y = static_cast<float>(s[c]) * sx;
+    y = y * sw[c];
+    if (bias) y = y + bias[c];
+    if (relu) y = y < 0.0f ? 0.0f : y;  // keeps NaN (a non-finite row has sx = NaN)
+    o[c] = y;
   }
 }
 
@@ -77,17 +92,14 @@ void qtile(const QArgs& a, const typename Q::XA* xp, const float* psx, int64_t r
   const int64_t n0 = r * a.bn + c0;
   const float* sw = a.sw + n0;
   const float* bias = a.bias ? a.bias + n0 : nullptr;
-  const int64_t n = PARTIAL ? ncols : NV * C;
   for (int i = 0; i < ROWS; ++i) {
     int32_t s[NV * C];
     for (int v = 0; v < NV; ++v) Q::store_cols(acc[i][v], ws[v], s + v * C);
-    const float sx = psx[i];
     float* o = a.out + (row0 + i) * a.N + n0;
-    for (int64_t c = 0; c < n; ++c) {
-      float y = static_cast<float>(s[c]) * sx * sw[c];
-      if (bias) y += bias[c];
-      if (a.relu) y = y < 0.0f ? 0.0f : y;  // keeps NaN (a non-finite row has sx = NaN)
-      o[c] = y;
+    if (!PARTIAL && Q::kFinishCols == NV * C) {
+      Q::finish(s, psx[i], sw, bias, a.relu, o);
+    } else {
+      qfinish(s, PARTIAL ? ncols : NV * C, psx[i], sw, bias, a.relu, o);
     }
   }
 }
