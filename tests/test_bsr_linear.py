@@ -16,6 +16,7 @@ from conftest import (
     random_bsr,
 )
 
+from adsparse import ops
 from adsparse.layout import BlockSparseWeight
 from adsparse.ops import bsr_linear
 
@@ -97,6 +98,90 @@ def test_small_batch_whole_blocks(cpu_isa, b, block):
     k = 4 * block[1]
     w = random_bsr(130, k, block, 0.5)
     _check(w, torch.randn(b, k), torch.randn(130), "relu")
+
+
+def _op_forward(w: BlockSparseWeight, x: torch.Tensor, bias, activation) -> torch.Tensor:
+    """The op itself, through the dispatcher (what bsr_linear calls when it needs autograd)."""
+    return OPS.bsr_linear(x, w.values, w.row_offsets, w.col_indices, w.t_row_offsets,
+                          w.t_col_indices, w.t_block_ids, bias, w.shape[0],
+                          ops.ACTIVATIONS[activation])
+
+
+@pytest.fixture
+def direct_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the forwards that take the lean entry (ops.serve_direct)."""
+    calls = []
+    real = ops.serve_direct
+
+    def counting(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(ops, "serve_direct", counting)
+    return calls
+
+
+@pytest.mark.parametrize(("n", "k", "b", "block", "has_bias", "activation"), [
+    (13, 7, 3, (8, 4), True, "relu"), (100, 77, 1, (16, 16), False, None),
+    (130, 100, 25, (17, 33), True, None), (64, 48, 2, (32, 32), False, "relu"),
+])
+def test_no_grad_forward_takes_the_lean_entry_bit_for_bit(cpu_isa, direct_calls, n, k, b, block,
+                                                          has_bias, activation):
+    """Without autograd (no_grad, or nothing requiring grad) ``bsr_linear`` skips the
+    dispatcher for the serving kernel's lean entry: the same bits as the op, on every path."""
+    w = random_bsr(n, k, block, 0.5)
+    x, bias = torch.randn(b, k), torch.randn(n) if has_bias else None
+    want = _op_forward(w, x, bias, activation)
+    with torch.no_grad():
+        assert torch.equal(bsr_linear(x, w, bias, activation), want)
+        got3 = bsr_linear(x.reshape(1, b, k), w, bias, activation)
+    assert torch.equal(got3, want.reshape(1, b, n))
+    assert torch.equal(bsr_linear(x, w, bias, activation), want)  # grad on, nothing requires it
+    assert len(direct_calls) == 3
+    values = w.values.clone().requires_grad_(True)
+    y = bsr_linear(x, w.with_values(values), bias, activation)  # training: the op and autograd
+    assert y.requires_grad and len(direct_calls) == 3
+    with torch.no_grad():
+        y = bsr_linear(x, w.with_values(values), bias, activation)
+    assert not y.requires_grad and len(direct_calls) == 4
+
+
+def test_no_grad_forward_is_seen_by_modes_and_tracers(direct_calls) -> None:
+    """Whatever must see the op keeps it: a dispatch mode, a make_fx trace, a
+    function mode and torch.jit.trace all record adsparse.bsr_linear, with no lean call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    w = random_bsr(40, 24, (8, 8), 0.5)
+    x, bias = torch.randn(3, 24), torch.randn(40)
+    seen = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Passing(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def f(x):
+        return bsr_linear(x, w, bias, "relu")
+
+    with torch.no_grad():
+        with Recording():
+            f(x)
+        assert any("adsparse.bsr_linear" in name for name in seen)
+        graph = make_fx(f)(x).graph
+        assert any("adsparse.bsr_linear" in str(node.target) for node in graph.nodes)
+        with Passing():
+            f(x)
+        traced = torch.jit.trace(f, x, check_trace=False)  # (a check re-runs f eagerly)
+        assert "adsparse::bsr_linear" in str(traced.graph)
+        assert not direct_calls
+        assert torch.equal(traced(x), f(x))
+    assert len(direct_calls) == 1  # the last, eager call
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adsparse import _C, ops
+from adsparse import ops
 from adsparse.layout import BlockSparseWeight, block_row_ids
 
 __all__ = [
@@ -138,14 +138,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _OPS.quantize_rows(x)
 
 
-#: Whether CPU tensors run on the C++ kernels: not under ADSPARSE_BACKEND=triton, which routes
-#: them through Triton, nor with a bad value there, which must raise at the first op call.
-CPP_CPU = ops._BACKEND != "triton" and ops._BACKEND_ERROR is None
-
-
-#: The lean entry to the op's C++ kernel (csrc/serving_entry.cpp): the op's ten arguments, no
-#: dispatcher, no autograd, not traceable; ~2 us less than the op of a ~9 us call at B=1.
-serve_direct = _C.bsr_linear_serve_direct
+CPP_CPU = ops.CPP_CPU  # (defined in ops: whether CPU tensors run on the C++ kernels)
+serve_direct = ops.serve_direct  # (defined in ops: the serving kernel's lean entry)
 
 
 def direct_call_ok(x: torch.Tensor, in_features: int) -> bool:
