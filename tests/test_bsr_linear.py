@@ -147,8 +147,8 @@ def test_no_grad_forward_takes_the_lean_entry_bit_for_bit(cpu_isa, direct_calls,
 
 
 def test_no_grad_forward_is_seen_by_modes_and_tracers(direct_calls) -> None:
-    """Whatever must see the op keeps it: a dispatch mode, a make_fx trace, a
-    function mode and torch.jit.trace all record adsparse.bsr_linear, with no lean call."""
+    """Whatever must see the op keeps it: a dispatch mode, a make_fx trace, a function mode,
+    torch.jit.trace and the profiler all record adsparse.bsr_linear, with no lean call."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -179,6 +179,9 @@ def test_no_grad_forward_is_seen_by_modes_and_tracers(direct_calls) -> None:
             f(x)
         traced = torch.jit.trace(f, x, check_trace=False)  # (a check re-runs f eagerly)
         assert "adsparse::bsr_linear" in str(traced.graph)
+        with torch.profiler.profile() as prof:
+            f(x)
+        assert any(e.key == "adsparse::bsr_linear" for e in prof.key_averages())
         assert not direct_calls
         assert torch.equal(traced(x), f(x))
     assert len(direct_calls) == 1  # the last, eager call

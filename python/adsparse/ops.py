@@ -85,7 +85,8 @@ def _direct_ok(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None)
     """Whether a forward may skip the dispatcher for :data:`serve_direct`: CPU tensors on the
     C++ kernels, no gradient needed, and nothing that must see the op — eager (not Dynamo, not
     ``torch.jit.trace``), no dispatch mode (FakeTensor, ``make_fx``, FlopCounterMode...), no
-    function mode, no functorch transform, no tensor subclass."""
+    function mode, no functorch transform, no tensor subclass, no profiler (whose trace should
+    name the op)."""
     return (CPP_CPU and x.is_cpu
             and (not torch.is_grad_enabled() or not (
                 x.requires_grad or values.requires_grad
@@ -96,7 +97,8 @@ def _direct_ok(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None)
             and not _python_dispatch._is_in_torch_dispatch_mode
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.peek_interpreter_stack() is None
-            and torch._C._get_tracing_state() is None)
+            and torch._C._get_tracing_state() is None
+            and not torch._C._autograd._profiler_enabled())
 
 
 def _activation_code(activation: str | None) -> int:
