@@ -148,7 +148,8 @@ def test_no_grad_forward_takes_the_lean_entry_bit_for_bit(cpu_isa, direct_calls,
 
 def test_no_grad_forward_is_seen_by_modes_and_tracers(direct_calls) -> None:
     """Whatever must see the op keeps it: a dispatch mode, a make_fx trace, a function mode,
-    torch.jit.trace and the profiler all record adsparse.bsr_linear, with no lean call."""
+    torch.jit.trace and the profiler all record adsparse.bsr_linear, and vmap batches it, with
+    no lean call."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.overrides import TorchFunctionMode
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -182,9 +183,12 @@ def test_no_grad_forward_is_seen_by_modes_and_tracers(direct_calls) -> None:
         with torch.profiler.profile() as prof:
             f(x)
         assert any(e.key == "adsparse::bsr_linear" for e in prof.key_averages())
+        xs = torch.randn(2, 3, 24)
+        batched = torch.vmap(f)(xs)  # a functorch transform: the op and its batching rule
         assert not direct_calls
+        assert torch.equal(batched[1], f(xs[1]))
         assert torch.equal(traced(x), f(x))
-    assert len(direct_calls) == 1  # the last, eager call
+    assert len(direct_calls) == 2  # the two eager calls the results are compared with
 
 
 @pytest.mark.parametrize("threads", [1, 2])
