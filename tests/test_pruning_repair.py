@@ -18,6 +18,7 @@ from torch import nn
 from adsparse.nn import expand_block_mask
 from adsparse.pruning import LearnedConfig, Pruner, repair
 from adsparse.pruning.repair import InputStats, realize_, repaired
+from adsparse.pruning.schedules import cubic_density
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -206,9 +207,12 @@ def test_realize_applies_the_refit_and_keeps_the_cut_values(n, k, block) -> None
 
 
 @pytest.mark.parametrize("realize", [False, True])
-def test_realizing_transition_moves_masks_every_realize_steps(realize) -> None:
+@pytest.mark.parametrize("ahead", [False, True])
+def test_realizing_transition_moves_masks_every_realize_steps(realize, ahead) -> None:
     """While realizing, the masks move every ``realize_steps`` steps at most often (each move
-    refits every cut layer); without, every ``update_every`` step. Both end on the budget."""
+    refits every cut layer): at the end of each interval, or with ``cut_ahead`` at its start
+    (the first step already cut) to where the schedule is at its end; without realize, every
+    ``update_every`` step. All end on the budget."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
                           nn.Linear(32, 1))
@@ -220,13 +224,19 @@ def test_realizing_transition_moves_masks_every_realize_steps(realize) -> None:
 
     pruner = Pruner(model, 0.4, "learned", "block", (8, 8), min_layer_density=0.02,
                     filter_fn=lambda m, fqn: fqn in ("0", "2"),
-                    learned=LearnedConfig(realize=realize, realize_steps=12, rounds=1))
+                    learned=LearnedConfig(realize=realize, realize_steps=12, rounds=1,
+                                          cut_ahead=ahead))
     pruner.prune(batches, mse, steps=48)
     records = [h for h in pruner.history if "step" in h]
     moved = [r["step"] + 1 for prev, r in itertools.pairwise(records)
              if r["density"] != prev["density"]]
     assert moved
-    if realize:
+    if realize and ahead:
+        assert records[0]["density"] < 1.0
+        assert all(s % 12 == 1 for s in moved), moved
+        assert records[11]["density"] <= cubic_density(12, 48, 0.4) + 0.05
+    elif realize:
+        assert records[0]["density"] == 1.0
         assert all(s % 12 == 0 for s in moved), moved
     else:
         assert any(s % 12 for s in moved), moved
