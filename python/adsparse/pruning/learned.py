@@ -274,8 +274,10 @@ def _profiles(ctx: Context, masks: list[torch.Tensor], kept: list[float], guess:
         proxy, target = proxies[layer], ctx.targets[layer]
         proxy.mask = cut.to(proxy.weight.dtype)
         if repair:
-            prefetch(layer, [cut])  # (done already by the callers, for many cuts at once)
-            proxy.override, proxy.shift = refits[refit_key(layer, cut)]
+            key = refit_key(layer, cut)
+            if key not in refits:  # (the callers refit many cuts at once before)
+                prefetch(layer, [cut])
+            proxy.override, proxy.shift = refits[key]
             return 0.0
         if compensate:
             proxy.shift = _removed_mean(target, masks[layer], cut,

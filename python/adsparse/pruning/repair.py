@@ -160,7 +160,8 @@ def repaired_nested(weight: torch.Tensor, cuts: list[torch.Tensor],
     w_t = padded.reshape(rows_b, bn, k).transpose(1, 2)  # [R, K, bn]
     fits = [w_t.clone() for _ in cuts]
     # Row blocks that lose no weight keep theirs (W_R = 0): no solve.
-    changed = torch.stack([((w_t != 0) & ~kp[:, :, None]).flatten(1).any(1) for kp in kept])
+    nonzero = w_t != 0
+    changed = torch.stack([(nonzero & ~kp[:, :, None]).flatten(1).any(1) for kp in kept])
     small_s = count <= k - count
     for use_s in (True, False):
         uses = (small_s == use_s) & changed  # [P, R]: which cut solves which row block here
